@@ -1,0 +1,41 @@
+"""Shared fixtures: an isolated XDIFF_HOME per test and tiny real-architecture models.
+
+Tiny models are built once per session, offline (see `xdiff_cli/tiny.py`): a Llama-style,
+a Qwen3-style and a GPT-OSS-style causal LM, each with its own byte-level BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True)
+def xdiff_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own data root and HF cache; nothing leaks into the user's."""
+    home = tmp_path / "xdiff-home"
+    monkeypatch.setenv("XDIFF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{'llama': dir, 'qwen3': dir, 'gptoss': dir} — saved tiny models with planted concepts."""
+    from xdiff_cli.tiny import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small mixed .jsonl corpus (web-like text + chats) over the tiny models' vocabulary."""
+    from xdiff_cli.tiny import write_corpus_jsonl
+
+    return write_corpus_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", n_docs=300, n_chats=60)

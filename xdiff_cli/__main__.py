@@ -1,0 +1,3 @@
+from xdiff_cli.cli import main
+
+main()

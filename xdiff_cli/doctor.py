@@ -1,0 +1,103 @@
+"""Environment checks behind `xdiff doctor`: can this machine run xdiff, and how big?"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+from dataclasses import dataclass, field
+
+from xdiff_cli import paths
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _package_checks() -> list[Check]:
+    checks = [Check("python", True, platform.python_version())]
+    for dist, required in (("torch", True), ("transformers", True), ("bitsandbytes", False)):
+        version = _version(dist)
+        checks.append(Check(dist, version is not None, version or "not installed", required))
+    return checks
+
+
+def _cuda_checks() -> list[Check]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Check("cuda", True, "no CUDA device: CPU only (fine for tiny/small pairs)", required=False)]
+    checks = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        name = torch.cuda.get_device_name(index)
+        checks.append(
+            Check(f"cuda:{index}", True, f"{name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB", False)
+        )
+    return checks
+
+
+def quantization_check() -> Check:
+    """Actually quantise a small linear layer to 4-bit and run it: 'installed' is not 'works'."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer = layer.to(device)
+        out = layer(torch.randn(2, 64, device=device, dtype=torch.bfloat16))
+        ok = bool(torch.isfinite(out).all())
+        return Check("4-bit quantisation", ok, f"nf4 works on {device}" if ok else "nf4 gave non-finite output", False)
+    except Exception as exc:  # any failure here means "not available", which doctor reports
+        return Check("4-bit quantisation", False, f"unavailable: {exc.__class__.__name__}: {exc}"[:160], False)
+
+
+def token_check() -> Check:
+    """Whether an HF token is configured; never reveals it."""
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:
+        token = None
+    detail = "configured (needed only for gated models)" if token else "none (gated models like Llama need one)"
+    return Check("hf token", True, detail, required=False)
+
+
+def disk_check() -> Check:
+    root = paths.data_root()
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return Check("data dir", True, f"{root} ({free / 2**30:.1f} GiB free)")
+
+
+def run_doctor() -> DoctorReport:
+    report = DoctorReport(_package_checks())
+    if all(c.ok for c in report.checks):
+        report.checks += _cuda_checks()
+        report.checks.append(quantization_check())
+    report.checks += [token_check(), disk_check()]
+    return report

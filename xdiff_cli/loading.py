@@ -1,0 +1,120 @@
+"""Load a causal LM + tokenizer from a local directory, in the requested precision.
+
+Input: a local model directory (see `hub.py` for turning hub ids into one).
+Output: `LoadedModel` — eval mode, no grad, on the chosen device, with its `ArchAdapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xdiff_cli.arch import ArchAdapter
+from xdiff_cli.errors import XdiffError
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    adapter: ArchAdapter
+    path: Path
+    quant: str  # "none" | "8bit" | "4bit"
+    device: str
+    dtype: str
+
+    @property
+    def input_device(self) -> Any:
+        return self.model.get_input_embeddings().weight.device
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is present, else 'cpu'; asking for CUDA without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise XdiffError(f"--device {device} was asked for but no CUDA GPU is visible", "use --device cpu")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise XdiffError(f"no GPU {device}", f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if device != "cpu":
+        raise XdiffError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on GPU (the paper's setting); fp32 on CPU, where bf16 matmuls are slow or missing."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def quantization_config(quant: str, device: str):
+    """The transformers BitsAndBytesConfig for `quant`, or None for full precision."""
+    if quant in ("none", "auto"):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    raise XdiffError(f"unknown quantisation {quant!r}", "use none, 8bit or 4bit")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise XdiffError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_model(
+    path: Path | str,
+    *,
+    quant: str = "none",
+    device: str = "auto",
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer from a local directory, ready for inference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise XdiffError(f"{path} is not a model directory (no config.json)", "pass a hub id or a saved model dir")
+    device = resolve_device(device)
+    dtype = dtype or default_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+    qconfig = quantization_config(quant, device)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except ValueError as exc:
+        message = str(exc).splitlines()[0]
+        if "trust_remote_code" in message or "custom code" in message:
+            raise XdiffError(
+                f"{path.name} needs custom code to load", "rerun with --trust-remote-code if you trust it"
+            ) from exc
+        raise XdiffError(f"cannot load {path} as a causal LM: {message}") from exc
+    if qconfig is None:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return LoadedModel(model, tokenizer, ArchAdapter(model), path, "none" if qconfig is None else quant, device, dtype)
