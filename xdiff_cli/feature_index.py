@@ -1,0 +1,319 @@
+"""FeatureIndex: the analysis results of a run, in one SQLite file the CLI and TUI query.
+
+Written once by `analysis.py` through `FeatureIndexWriter` (to a temporary file renamed
+into place on success, so a crash never leaves a half-written index that a later command
+trusts); read by `xdiff features`, `xdiff report`, `xdiff steer` (s_max) and the TUI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xdiff_cli.errors import XdiffError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE features (
+    id INTEGER PRIMARY KEY,
+    partition TEXT NOT NULL CHECK (partition IN ('a', 'b', 'shared')),
+    frequency REAL NOT NULL,          -- share of analysed token pairs where it fires
+    n_fires INTEGER NOT NULL,
+    mean_activation REAL NOT NULL,    -- mean over the tokens where it fires
+    max_activation REAL NOT NULL,     -- s_max: steering's unit (alpha = 1)
+    dec_norm_a REAL NOT NULL,
+    dec_norm_b REAL NOT NULL,
+    rel_norm REAL NOT NULL,           -- R = |d_a| / (|d_a| + |d_b|)
+    dec_cos REAL,                     -- A/B decoder cosine; NULL when the widths differ
+    n_distinct_tokens INTEGER NOT NULL,
+    top_token TEXT,
+    top_token_share REAL NOT NULL,
+    token_artifact INTEGER NOT NULL,  -- fires on one word tokenised differently by A and B
+    candidate INTEGER NOT NULL,       -- exclusive block, or shared with R < 0.2 / R > 0.8
+    score REAL NOT NULL,              -- default ranking score (higher = more worth a look)
+    rank INTEGER NOT NULL,            -- 1 = first in the default ranking
+    histogram TEXT NOT NULL,          -- JSON: {"edges": [...], "counts": [...]}
+    label TEXT
+);
+CREATE TABLE examples (
+    feature_id INTEGER NOT NULL REFERENCES features(id),
+    view TEXT NOT NULL CHECK (view IN ('a', 'b')),
+    rank INTEGER NOT NULL,            -- 0 = strongest
+    text TEXT NOT NULL,               -- the context window
+    start INTEGER NOT NULL,           -- [start, end): the firing token, within text
+    "end" INTEGER NOT NULL,
+    activation REAL NOT NULL,
+    token_acts TEXT NOT NULL,         -- JSON [[start, end, activation], ...] within text
+    doc_id INTEGER,
+    PRIMARY KEY (feature_id, view, rank)
+);
+CREATE INDEX features_by_rank ON features(rank);
+CREATE INDEX features_by_partition ON features(partition, rank);
+"""
+
+FEATURE_COLUMNS = (
+    "id", "partition", "frequency", "n_fires", "mean_activation", "max_activation", "dec_norm_a",
+    "dec_norm_b", "rel_norm", "dec_cos", "n_distinct_tokens", "top_token", "top_token_share",
+    "token_artifact", "candidate", "score", "rank", "histogram", "label",
+)
+EXAMPLE_COLUMNS = ("feature_id", "view", "rank", "text", "start", "end", "activation", "token_acts", "doc_id")
+_EXAMPLE_SELECT = ", ".join(f'"{c}"' for c in EXAMPLE_COLUMNS)
+SORT_KEYS = {
+    "rank": "rank ASC",
+    "id": "id ASC",
+    "frequency": "frequency DESC",
+    "max_activation": "max_activation DESC",
+    "rel_norm": "rel_norm DESC",
+    "score": "score DESC",
+}
+
+
+@dataclass
+class Example:
+    text: str
+    start: int
+    end: int
+    activation: float
+    token_acts: list[tuple[int, int, float]]
+    view: str = "a"
+    doc_id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "start": self.start, "end": self.end, "activation": self.activation}
+
+
+@dataclass
+class Feature:
+    id: int
+    partition: str
+    frequency: float
+    n_fires: int
+    mean_activation: float
+    max_activation: float
+    dec_norm_a: float
+    dec_norm_b: float
+    rel_norm: float
+    dec_cos: float | None
+    n_distinct_tokens: int
+    top_token: str | None
+    top_token_share: float
+    token_artifact: bool
+    candidate: bool
+    score: float
+    rank: int
+    histogram: dict[str, list[float]]
+    label: str | None = None
+    examples: list[Example] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.n_fires > 0
+
+    def examples_for(self, view: str) -> list[Example]:
+        return [e for e in self.examples if e.view == view]
+
+    @property
+    def own_view(self) -> str:
+        """The model whose tokens best show this feature (B for B-exclusive, else A)."""
+        return "b" if self.partition == "b" else "a"
+
+    def to_json(self, n_examples: int | None = None) -> dict[str, Any]:
+        examples = self.examples_for(self.own_view)[:n_examples]
+        out = {name: getattr(self, name) for name in FEATURE_COLUMNS if name not in ("histogram",)}
+        out["token_artifact"] = bool(self.token_artifact)
+        out["candidate"] = bool(self.candidate)
+        out["histogram"] = self.histogram
+        out["examples"] = [e.to_json() for e in examples]
+        return out
+
+
+def _feature_from_row(row: sqlite3.Row) -> Feature:
+    data = dict(row)
+    data["histogram"] = json.loads(data["histogram"])
+    data["token_artifact"] = bool(data["token_artifact"])
+    data["candidate"] = bool(data["candidate"])
+    return Feature(**data)
+
+
+def _example_from_row(row: sqlite3.Row) -> Example:
+    return Example(
+        text=row["text"], start=row["start"], end=row["end"], activation=row["activation"],
+        token_acts=[tuple(t) for t in json.loads(row["token_acts"])], view=row["view"], doc_id=row["doc_id"],
+    )
+
+
+class FeatureIndex:
+    """Read-only queries over a run's `analysis.sqlite`."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path | str) -> FeatureIndex:
+        path = Path(path)
+        if not path.is_file():
+            raise XdiffError("this run has not been analysed yet", "run `xdiff analyze` (or rerun `xdiff run`)")
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise XdiffError(f"the analysis database {path} is corrupt", "rerun `xdiff analyze`") from exc
+        if version is None or json.loads(version[0]) != SCHEMA_VERSION:
+            raise XdiffError(f"{path} was written by another xdiff version", "rerun `xdiff analyze`")
+        return cls(db, path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {row["key"]: json.loads(row["value"]) for row in self._db.execute("SELECT key, value FROM meta")}
+
+    @property
+    def n_features(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM features").fetchone()[0]
+
+    def count(self, partition: str | None = None) -> int:
+        if partition in (None, "all"):
+            return self.n_features
+        return self._db.execute("SELECT COUNT(*) FROM features WHERE partition = ?", (partition,)).fetchone()[0]
+
+    def features(
+        self,
+        partition: str | None = None,
+        sort: str = "rank",
+        limit: int | None = None,
+        search: str | None = None,
+        candidates_only: bool = False,
+        alive_only: bool = False,
+    ) -> list[Feature]:
+        """Feature summaries (without examples), in `sort` order."""
+        if sort not in SORT_KEYS:
+            raise XdiffError(f"unknown sort key {sort!r}", f"use one of {', '.join(SORT_KEYS)}")
+        where, params = [], []
+        if partition not in (None, "all"):
+            if partition not in ("a", "b", "shared"):
+                raise XdiffError(f"unknown partition {partition!r}", "use a, b, shared or all")
+            where.append("partition = ?")
+            params.append(partition)
+        if candidates_only:
+            where.append("candidate = 1")
+        if alive_only:
+            where.append("n_fires > 0")
+        if search:
+            where.append("id IN (SELECT feature_id FROM examples WHERE text LIKE ? ESCAPE '\\')")
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params.append(f"%{escaped}%")
+        sql = f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY {SORT_KEYS[sort]}, id ASC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_feature_from_row(r) for r in self._db.execute(sql, params)]
+
+    def examples(self, feature_id: int, view: str | None = None, limit: int | None = None) -> list[Example]:
+        sql = f"SELECT {_EXAMPLE_SELECT} FROM examples WHERE feature_id = ?"
+        params: list[Any] = [feature_id]
+        if view:
+            sql += " AND view = ?"
+            params.append(view)
+        sql += " ORDER BY view, rank"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_example_from_row(r) for r in self._db.execute(sql, params)]
+
+    def feature(self, feature_id: int) -> Feature:
+        """One feature with its examples; out-of-range ids are a user error."""
+        row = self._db.execute(
+            f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features WHERE id = ?", (int(feature_id),)
+        ).fetchone()
+        if row is None:
+            raise XdiffError(
+                f"feature {feature_id} is out of range", f"this run has features 0..{self.n_features - 1}"
+            )
+        feature = _feature_from_row(row)
+        feature.examples = self.examples(feature.id)
+        return feature
+
+
+class FeatureIndexWriter:
+    """Builds `analysis.sqlite` in a temporary file; `commit()` renames it into place."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp_path.unlink(missing_ok=True)
+        self._db = sqlite3.connect(self.tmp_path)
+        self._db.executescript(_SCHEMA)
+        self.set_meta(schema_version=SCHEMA_VERSION)
+
+    def set_meta(self, **values: Any) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in values.items()],
+        )
+
+    def add_features(self, rows: list[dict[str, Any]]) -> None:
+        """Rows keyed by FEATURE_COLUMNS; `histogram` may be a dict (JSON-encoded here)."""
+        prepared = []
+        for row in rows:
+            row = dict(row)
+            if not isinstance(row.get("histogram"), str):
+                row["histogram"] = json.dumps(row.get("histogram") or {"edges": [], "counts": []})
+            row.setdefault("label", None)
+            row.setdefault("dec_cos", None)
+            prepared.append(tuple(row[c] for c in FEATURE_COLUMNS))
+        placeholders = ", ".join("?" for _ in FEATURE_COLUMNS)
+        self._db.executemany(f"INSERT INTO features ({', '.join(FEATURE_COLUMNS)}) VALUES ({placeholders})", prepared)
+
+    def add_examples(self, rows: list[dict[str, Any]]) -> None:
+        prepared = []
+        for row in rows:
+            row = dict(row)
+            if not isinstance(row.get("token_acts"), str):
+                row["token_acts"] = json.dumps([list(t) for t in row.get("token_acts", [])])
+            row.setdefault("doc_id", None)
+            prepared.append(tuple(row[c] for c in EXAMPLE_COLUMNS))
+        placeholders = ", ".join("?" for _ in EXAMPLE_COLUMNS)
+        self._db.executemany(f"INSERT INTO examples ({_EXAMPLE_SELECT}) VALUES ({placeholders})", prepared)
+
+    def commit(self) -> Path:
+        from xdiff_cli.atomic import disk_full_error
+
+        try:
+            self._db.commit()
+            self._db.close()
+            os.replace(self.tmp_path, self.path)
+        except sqlite3.OperationalError as exc:
+            self.abort()
+            if "full" in str(exc).lower():
+                raise disk_full_error(self.path) from exc
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._db.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FeatureIndexWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
