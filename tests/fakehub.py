@@ -96,7 +96,9 @@ class FakeHub:
 
     def downloads(self, filename: str) -> list[dict[str, str]]:
         """Headers (lower-case keys) of every GET of `filename` so far, e.g. to see Range requests."""
-        return [h for m, p, h in self.requests if m == "GET" and "/resolve/" in p and p.endswith("/" + filename)]
+        return [
+            h for m, p, h in self.requests if m == "GET" and "/resolve/" in p and p.endswith("/" + filename)
+        ]
 
     def _find(self, repo_id: str, revision: str) -> tuple[FakeRepo | None, str | None]:
         repo = self.repos.get(repo_id)

@@ -74,17 +74,23 @@ def parse_model_spec(text: str) -> ModelSpec:
     """`org/name`, `org/name@rev`, `name`, or an existing local directory."""
     text = text.strip()
     if not text:
-        raise XdiffError("empty model argument", "pass a hub id like org/name[@revision] or a local directory")
+        raise XdiffError(
+            "empty model argument", "pass a hub id like org/name[@revision] or a local directory"
+        )
     local = Path(text).expanduser()
     if local.is_dir():
         return ModelSpec(text, local_path=local.resolve())
     if _looks_like_path(text) or local.exists():
-        raise XdiffError(f"{text} is not a model directory", "pass an existing directory or a hub id org/name")
+        raise XdiffError(
+            f"{text} is not a model directory", "pass an existing directory or a hub id org/name"
+        )
     repo_id, _, revision = text.partition("@")
     if "@" in text and not revision:
         raise XdiffError(f"empty revision in {text!r}", "write org/name@revision (branch, tag or commit sha)")
     if not _HUB_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
-        raise XdiffError(f"{text!r} is neither a local directory nor a hub id", "hub ids look like org/name[@revision]")
+        raise XdiffError(
+            f"{text!r} is neither a local directory nor a hub id", "hub ids look like org/name[@revision]"
+        )
     return ModelSpec(text, repo_id=repo_id, revision=revision or None)
 
 
@@ -145,7 +151,9 @@ def _snapshot(spec: ModelSpec, patterns: list[str], token: str | None) -> Path:
             "check the id; private repos need `hf auth login` or HF_TOKEN",
         ) from exc
     except RevisionNotFoundError as exc:
-        raise XdiffError(f"revision {spec.revision!r} not found in {name}", "use a branch, tag or commit sha") from exc
+        raise XdiffError(
+            f"revision {spec.revision!r} not found in {name}", "use a branch, tag or commit sha"
+        ) from exc
     except LocalEntryNotFoundError as exc:
         reason = "offline mode is on (HF_HUB_OFFLINE)" if hub_offline() else "the hub cannot be reached"
         raise XdiffError(
@@ -155,14 +163,17 @@ def _snapshot(spec: ModelSpec, patterns: list[str], token: str | None) -> Path:
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if status == 401:
-            raise XdiffError(f"the hub rejected the token for {name} (401)", "log in again with `hf auth login`") from exc
+            raise XdiffError(
+                f"the hub rejected the token for {name} (401)", "log in again with `hf auth login`"
+            ) from exc
         raise XdiffError(
             f"download of {name} failed (HTTP {status})", "rerun the same command to resume the download"
         ) from exc
     except (httpx2.HTTPError, OSError) as exc:
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise XdiffError(
-            f"download of {name} was interrupted: {first_line}", "rerun the same command to resume the download"
+            f"download of {name} was interrupted: {first_line}",
+            "rerun the same command to resume the download",
         ) from exc
     return Path(folder)
 
@@ -185,9 +196,13 @@ def fetch_model(
     if spec.is_local:
         assert spec.local_path is not None
         if not (spec.local_path / "config.json").is_file():
-            raise XdiffError(f"{spec.local_path} has no config.json", "pass a saved model directory or a hub id")
+            raise XdiffError(
+                f"{spec.local_path} has no config.json", "pass a saved model directory or a hub id"
+            )
         return FetchedModel(spec.local_path, spec, None, "local")
-    patterns = download_patterns(allow_pickle_weights=allow_pickle_weights, trust_remote_code=trust_remote_code)
+    patterns = download_patterns(
+        allow_pickle_weights=allow_pickle_weights, trust_remote_code=trust_remote_code
+    )
     folder = _snapshot(spec, patterns, token)
     if not (folder / "config.json").is_file():
         raise XdiffError(f"{spec.repo_id} has no config.json", "is it a transformers model repo?")

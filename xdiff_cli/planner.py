@@ -122,7 +122,9 @@ def _embedding_params(cfg: dict[str, Any]) -> int:
     return vocab * d * (1 if tied else 2)
 
 
-def footprint_from_config(config: dict[str, Any], name: str = "model", disk_bytes: int | None = None) -> ModelFootprint:
+def footprint_from_config(
+    config: dict[str, Any], name: str = "model", disk_bytes: int | None = None
+) -> ModelFootprint:
     cfg = _text_config(config)
     total, linear = estimate_parameters(config)
     quant_cfg = config.get("quantization_config") or {}
@@ -277,7 +279,9 @@ class MemoryPlan:
                 f"{fp.num_layers} layers → {m.label}: {m.weight_bytes / GiB:.1f} GiB"
             )
         for phase, need in self.phases.items():
-            lines.append(f"  {phase}: {need / GiB:.1f} GiB {'ok' if need <= self.budget_bytes else 'DOES NOT FIT'}")
+            lines.append(
+                f"  {phase}: {need / GiB:.1f} GiB {'ok' if need <= self.budget_bytes else 'DOES NOT FIT'}"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -285,14 +289,24 @@ class MemoryPlan:
         """A rich Table of the plan."""
         from rich.table import Table
 
-        table = Table(title=f"Memory plan — {self.device}, budget {self.budget_bytes / GiB:.1f} GiB", title_justify="left")
+        table = Table(
+            title=f"Memory plan — {self.device}, budget {self.budget_bytes / GiB:.1f} GiB",
+            title_justify="left",
+        )
         for col in ("model", "type", "params", "width", "layers", "precision", "weights"):
-            table.add_column(col, justify="right" if col in ("params", "width", "layers", "weights") else "left")
+            table.add_column(
+                col, justify="right" if col in ("params", "width", "layers", "weights") else "left"
+            )
         for m in self.models:
             fp = m.footprint
             table.add_row(
-                fp.name, fp.model_type, f"{fp.n_params / 1e9:.2f}B", str(fp.hidden_size), str(fp.num_layers),
-                m.label, f"{m.weight_bytes / GiB:.1f} GiB",
+                fp.name,
+                fp.model_type,
+                f"{fp.n_params / 1e9:.2f}B",
+                str(fp.hidden_size),
+                str(fp.num_layers),
+                m.label,
+                f"{m.weight_bytes / GiB:.1f} GiB",
             )
         table.add_section()
         for phase, need in self.phases.items():
@@ -321,7 +335,9 @@ def _phases(models: list[ModelPlan], dict_size: int, batch_size: int) -> dict[st
     return {
         "harvest": CUDA_CONTEXT_BYTES + weights + max(m.working_bytes for m in models),
         "train": CUDA_CONTEXT_BYTES + crosscoder_training_bytes(d_a, d_b, dict_size, batch_size),
-        "steer": CUDA_CONTEXT_BYTES + weights + max(m.working_bytes for m in models) // 8
+        "steer": CUDA_CONTEXT_BYTES
+        + weights
+        + max(m.working_bytes for m in models) // 8
         + crosscoder_inference_bytes(d_a, d_b, dict_size),
     }
 
@@ -360,7 +376,9 @@ def plan_memory(
         if crosscoder_training_bytes(d_a, d_b, dict_size, batch_size) > train_budget:
             smaller = max_dict_size_for(train_budget, d_a, d_b, batch_size)
             if smaller >= 1024:
-                notes.append(f"dictionary reduced from {dict_size:,} to {smaller:,} features so training fits")
+                notes.append(
+                    f"dictionary reduced from {dict_size:,} to {smaller:,} features so training fits"
+                )
                 dict_size = smaller
     if native_prequantized is None:
         native_prequantized = on_gpu and _mxfp4_kernels_available()
@@ -390,10 +408,16 @@ def plan_memory(
 
     for fp in footprints:
         if fp.prequantized:
-            how = "kept as shipped" if native_prequantized else "dequantised to the compute dtype (no GPU kernels)"
+            how = (
+                "kept as shipped"
+                if native_prequantized
+                else "dequantised to the compute dtype (no GPU kernels)"
+            )
             notes.append(f"{fp.name} ships {fp.prequantized} weights: {how}; --quant does not apply to it")
     if not on_gpu:
-        notes.append("no GPU: planning against CPU RAM; float32 unless it does not fit (bf16 matmuls are slow on CPU)")
+        notes.append(
+            "no GPU: planning against CPU RAM; float32 unless it does not fit (bf16 matmuls are slow on CPU)"
+        )
         choice = "none" if quant == "auto" else quant
         plan = build(choice, "float32")
         if not plan.fits and quant == "auto":
