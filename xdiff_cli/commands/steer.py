@@ -1,9 +1,126 @@
-"""Commands for this stage (registered by `register`)."""
+"""`xdiff steer`: one steered generation beside the unsteered one (DESIGN §2, §4).
+
+JSON shape (`--json`): one object per steered model,
+    {"feature", "model", "scale", "prompt", "baseline", "steered"[, "kl"]}
+printed alone when one model is steered, as a list when a shared feature steers both.
+With several `--feature`s, "feature" and "scale" are parallel lists.
+"""
 
 from __future__ import annotations
 
 import typer
 
+FEATURE_HELP = "Feature id to steer, optionally with its own scale as ID:SCALE (repeatable)."
+
+
+def parse_features(specs: list[str], scale: float | None) -> list[tuple[int, float]]:
+    """'12' (uses --scale) or '12:-4' (own scale) → [(12, -4.0), ...]."""
+    from xdiff_cli.errors import XdiffError
+
+    features = []
+    for spec in specs:
+        id_text, sep, scale_text = spec.partition(":")
+        try:
+            feature = int(id_text)
+            value = float(scale_text) if sep else scale
+        except ValueError:
+            raise XdiffError(f"--feature expects ID or ID:SCALE, got {spec!r}", "e.g. --feature 12 or --feature 12:-4") from None
+        if value is None:
+            raise XdiffError(f"no scale for feature {feature}", f"add --scale S or write --feature {feature}:S")
+        if feature < 0:
+            raise XdiffError(f"feature {feature} is out of range", "feature ids are non-negative")
+        features.append((feature, value))
+    return features
+
+
+def _steered_label(features: list[tuple[int, float]]) -> str:
+    return ", ".join(f"#{f} × {s:+g}" for f, s in features)
+
+
+def _columns(baseline: str, steered: str, features: list[tuple[int, float]], title: str):
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, expand=True, show_lines=False)
+    table.add_column("unsteered", ratio=1, overflow="fold")
+    table.add_column(f"steered ({_steered_label(features)})", ratio=1, overflow="fold", style="cyan")
+    # Text objects, not markup: model output may contain [brackets].
+    table.add_row(Text(baseline.strip()), Text(steered.strip()))
+    return table
+
+
+def steer(
+    prompt: str = typer.Argument(..., help="The user message (chat template applied unless --raw)."),
+    feature: list[str] = typer.Option(..., "--feature", "-f", help=FEATURE_HELP),
+    scale: float | None = typer.Option(None, "--scale", "-s", help="α: multiples of the feature's max activation."),
+    run_id: str | None = typer.Option(None, "--run", help="Run id (default: newest)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="a or b (default: the model(s) the feature belongs to)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the paper's setting)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (same for both answers)."),
+    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as raw text, without the chat template."),
+    measure: bool = typer.Option(False, "--measure", help="Report mean KL(steered ‖ unsteered) over the answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only (no streaming)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's)."),
+    quant: str | None = typer.Option(None, "--quant", help="none, 8bit or 4bit (default: the run's)."),
+) -> None:
+    """Steer features and show the unsteered and steered answers side by side."""
+    import json
+
+    from xdiff_cli.console import console, err_console
+    from xdiff_cli.runs import resolve_run
+    from xdiff_cli.steering import Steerer
+
+    features = parse_features(feature, scale)
+    steerer = Steerer(resolve_run(run_id), device=device, quant=quant)
+    sides = steerer.sides_for(features, model)
+
+    def progress(message: str) -> None:
+        err_console.print(f"[dim]{message}[/]")
+
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, raw=raw, measure=measure)
+    results = []
+    try:
+        for side in sides:
+            steerer.load(side, on_progress=progress)
+            if as_json:
+                results.append(steerer.generate(prompt, features, side=side, **options))
+            else:
+                results.append(_stream_side(steerer, prompt, features, side, options, console))
+    finally:
+        steerer.close()
+    for result in results:
+        for note in result.notes:
+            err_console.print(f"[yellow]note:[/] {note}")
+    if as_json:
+        payload = [r.to_json() for r in results]
+        typer.echo(json.dumps(payload[0] if len(payload) == 1 else payload, ensure_ascii=False, indent=2))
+
+
+def _stream_side(steerer, prompt, features, side, options, console):  # noqa: ANN001, ANN202
+    """Generate on one model, streaming both columns live on a terminal (printed once when
+    piped); print the KL line after."""
+    from rich.live import Live
+
+    title = f"model {side.upper()} · {steerer.model_name(side)} · layer {steerer.layer(side)}"
+    if not console.is_terminal:
+        result = steerer.generate(prompt, features, side=side, **options)
+        console.print(_columns(result.baseline, result.steered, features, title))
+    else:
+        texts = {"baseline": "", "steered": ""}
+        with Live(_columns("", "", features, title), console=console, refresh_per_second=12) as live:
+
+            def on_token(stream: str, piece: str) -> None:
+                texts[stream] += piece
+                live.update(_columns(texts["baseline"], texts["steered"], features, title))
+
+            result = steerer.generate(prompt, features, side=side, on_token=on_token, **options)
+            live.update(_columns(result.baseline, result.steered, features, title))
+    if result.kl is not None:
+        console.print(f"KL(steered ‖ unsteered) = {result.kl:.4f} nats per token, over the steered answer")
+    return result
+
 
 def register(app: typer.Typer) -> None:
-    """Nothing yet: this stage's commands land with its issue."""
+    app.command("steer")(steer)
