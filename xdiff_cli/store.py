@@ -1,0 +1,299 @@
+"""The activation store: token-aligned residuals of both models, sharded on disk.
+
+Layout (see docs/ARCHITECTURE.md, "Activation store"):
+
+    activations/
+      manifest.json                 identity (models, revisions, layers, tokenizers, dtype,
+                                    quant), scales, counts, shards[], eval_start_shard, complete
+      documents.jsonl               {"doc_id", "text"}: the text the char spans index into
+      shards/shard-00000.safetensors  acts_a [n, d_a], acts_b [n, d_b] (raw, bf16/fp16),
+                                    doc_id, start_a, start_b, end [n] int64
+
+Written only by `harvest.py` through `StoreWriter`: each shard lands atomically, then the
+documents it needs, then the manifest that lists it — so after any crash the manifest
+names exactly the complete shards, and a rerun resumes after the last of them.
+Normalised activation = raw × scale (scale makes the median norm √((d_a+d_b)/2)).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xdiff_cli.atomic import atomic_path, disk_full_error, read_json, write_json
+from xdiff_cli.errors import XdiffError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DOCUMENTS = "documents.jsonl"
+SHARDS_DIR = "shards"
+DTYPES = ("bfloat16", "float16")
+# Manifest fields that must match for a harvest to continue (or reuse) an existing store.
+IDENTITY_FIELDS = (
+    "model_a", "model_b", "revision_a", "revision_b", "layer_a", "layer_b", "d_a", "d_b",
+    "tokenizer_hash_a", "tokenizer_hash_b", "dtype", "quant", "corpus", "context_length",
+    "seed", "target_tokens",
+)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass
+class Shard:
+    """One shard's aligned pairs (raw activations, in document order)."""
+
+    acts_a: Any  # torch [n, d_a]
+    acts_b: Any  # torch [n, d_b]
+    doc_id: Any  # torch [n] int64
+    start_a: Any  # torch [n] int64
+    start_b: Any
+    end: Any
+
+    def __len__(self) -> int:
+        return int(self.doc_id.shape[0])
+
+    def tensors(self) -> dict[str, Any]:
+        return {
+            "acts_a": self.acts_a, "acts_b": self.acts_b, "doc_id": self.doc_id,
+            "start_a": self.start_a, "start_b": self.start_b, "end": self.end,
+        }
+
+
+def load_shard_file(path: Path) -> Shard:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise XdiffError(f"activation shard {path} is unreadable ({exc})", "delete the run's activations/ and harvest again") from exc
+    return Shard(**{name: tensors[name] for name in ("acts_a", "acts_b", "doc_id", "start_a", "start_b", "end")})
+
+
+@dataclass
+class StoreSplit:
+    """The train or eval shards of a store."""
+
+    store: ActivationStore
+    name: str
+    shard_indices: list[int]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_indices)
+
+    @property
+    def n_tokens(self) -> int:
+        shards = self.store.manifest["shards"]
+        return sum(shards[i]["n_tokens"] for i in self.shard_indices)
+
+    @property
+    def d_a(self) -> int:
+        return self.store.manifest["d_a"]
+
+    @property
+    def d_b(self) -> int:
+        return self.store.manifest["d_b"]
+
+    @property
+    def scale_a(self) -> float:
+        return self.store.manifest["scale_a"]
+
+    @property
+    def scale_b(self) -> float:
+        return self.store.manifest["scale_b"]
+
+    def load_shard(self, i: int) -> Shard:
+        """The i-th shard of this split (0-based within the split)."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"{self.name} split has {self.num_shards} shards, asked for {i}")
+        return self.store.load_shard(self.shard_indices[i])
+
+    def __iter__(self):
+        return (self.load_shard(i) for i in range(self.num_shards))
+
+
+class ActivationStore:
+    """Read access to a harvested store."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.dir = Path(directory)
+        self.manifest = manifest
+        self._doc_offsets: dict[int, int] | None = None
+
+    @classmethod
+    def open(cls, directory: Path | str, *, require_complete: bool = True) -> ActivationStore:
+        directory = Path(directory)
+        if not (directory / MANIFEST).is_file():
+            raise XdiffError(f"no activation store at {directory}", "run `xdiff harvest` (or `xdiff run`) first")
+        manifest = read_json(directory / MANIFEST, "activation store manifest")
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            raise XdiffError(f"activation store at {directory} has an unknown format", "delete it and harvest again")
+        if require_complete and not manifest.get("complete"):
+            raise XdiffError(
+                f"the activation store at {directory} is incomplete (interrupted harvest)",
+                "rerun the same harvest/run command to resume it",
+            )
+        return cls(directory, manifest)
+
+    # --- contents -----------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    def shard_path(self, index: int) -> Path:
+        return self.dir / SHARDS_DIR / self.manifest["shards"][index]["name"]
+
+    def load_shard(self, index: int) -> Shard:
+        return load_shard_file(self.shard_path(index))
+
+    def split(self, name: str) -> StoreSplit:
+        eval_start = int(self.manifest["eval_start_shard"])
+        if name == "train":
+            return StoreSplit(self, name, list(range(eval_start)))
+        if name == "eval":
+            return StoreSplit(self, name, list(range(eval_start, self.num_shards)))
+        raise ValueError(f"split must be 'train' or 'eval', got {name!r}")
+
+    def document_text(self, doc_id: int) -> str:
+        """The canonical text of a document (what the char spans index into)."""
+        if self._doc_offsets is None:
+            self._doc_offsets = {}
+            with (self.dir / DOCUMENTS).open("rb") as fh:
+                offset = 0
+                for line in fh:
+                    self._doc_offsets[json.loads(line)["doc_id"]] = offset
+                    offset += len(line)
+        if doc_id not in self._doc_offsets:
+            raise KeyError(f"document {doc_id} is not in the store")
+        with (self.dir / DOCUMENTS).open("rb") as fh:
+            fh.seek(self._doc_offsets[doc_id])
+            return json.loads(fh.readline())["text"]
+
+
+def mismatched_fields(manifest: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    return [key for key in IDENTITY_FIELDS if key in identity and manifest.get(key) != identity[key]]
+
+
+class StoreWriter:
+    """Appends shards to a store, keeping manifest, documents and shards consistent."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.dir = Path(directory)
+        self.manifest = manifest
+
+    @classmethod
+    def open_or_create(cls, directory: Path | str, identity: dict[str, Any]) -> StoreWriter:
+        """Start a store, or continue one whose identity matches; a mismatch is refused."""
+        directory = Path(directory)
+        if (directory / MANIFEST).is_file():
+            manifest = ActivationStore.open(directory, require_complete=False).manifest
+            wrong = mismatched_fields(manifest, identity)
+            if wrong:
+                details = ", ".join(f"{k}: stored {manifest.get(k)!r} vs requested {identity[k]!r}" for k in wrong)
+                raise XdiffError(
+                    f"the activation store at {directory} was harvested with different settings ({details})",
+                    "start a new run, or delete that activations/ directory to harvest again",
+                )
+            writer = cls(directory, manifest)
+            writer._discard_partial_writes()
+            return writer
+        if directory.exists() and any(directory.iterdir()):
+            raise XdiffError(
+                f"{directory} exists but holds no activation store manifest",
+                "delete it or choose another run/output directory",
+            )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **identity,
+            "aligned_fraction": None,
+            "scale_a": None,
+            "scale_b": None,
+            "n_tokens": 0,
+            "shards": [],
+            "eval_start_shard": None,
+            "complete": False,
+            "documents_bytes": 0,
+            "next_doc_index": 0,
+            "stats": {},
+        }
+        (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        (directory / DOCUMENTS).touch()
+        writer = cls(directory, manifest)
+        writer._save()
+        return writer
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def _save(self) -> None:
+        write_json(self.dir / MANIFEST, self.manifest)
+
+    def _discard_partial_writes(self) -> None:
+        """Forget what an interrupted harvest wrote after the last manifest update."""
+        docs = self.dir / DOCUMENTS
+        with docs.open("ab") as fh:
+            fh.truncate(self.manifest["documents_bytes"])
+        listed = {s["name"] for s in self.manifest["shards"]}
+        for path in (self.dir / SHARDS_DIR).glob("*"):
+            if path.name not in listed:
+                path.unlink()
+
+    def write_shard(
+        self, shard: Shard, documents: list[tuple[int, str]], next_doc_index: int, stats: dict[str, float]
+    ) -> None:
+        """Append one shard, the documents its pairs point into, and count it in the manifest.
+
+        `next_doc_index` is the corpus position to resume from; `stats` are counters added
+        to the manifest's running totals.
+        """
+        from safetensors.torch import save_file
+
+        index = len(self.manifest["shards"])
+        name = shard_name(index)
+        with atomic_path(self.dir / SHARDS_DIR / name) as tmp:
+            save_file({k: v.contiguous() for k, v in shard.tensors().items()}, str(tmp))
+        lines = "".join(json.dumps({"doc_id": d, "text": t}, ensure_ascii=False) + "\n" for d, t in documents)
+        docs = self.dir / DOCUMENTS
+        try:
+            with docs.open("ab") as fh:
+                fh.truncate(self.manifest["documents_bytes"])
+                fh.write(lines.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise disk_full_error(docs) if exc.errno == errno.ENOSPC else exc
+        first_doc = int(shard.doc_id[0]) if len(shard) else None
+        self.manifest["shards"].append({"name": name, "n_tokens": len(shard), "first_doc_id": first_doc})
+        self.manifest["n_tokens"] += len(shard)
+        self.manifest["documents_bytes"] = docs.stat().st_size
+        self.manifest["next_doc_index"] = next_doc_index
+        totals = self.manifest["stats"]
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0) + value
+        self._save()
+
+    def finish(self, *, scale_a: float, scale_b: float, aligned_fraction: float, eval_fraction: float) -> None:
+        n = len(self.manifest["shards"])
+        if n < 2:
+            raise XdiffError(
+                f"the corpus yielded only {self.manifest['n_tokens']} aligned tokens ({n} shard)",
+                "use a larger corpus (or more --tokens) so there are train and eval shards",
+            )
+        n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+        self.manifest.update(
+            scale_a=scale_a, scale_b=scale_b, aligned_fraction=aligned_fraction,
+            eval_start_shard=n - n_eval, complete=True,
+        )
+        self._save()
