@@ -1,4 +1,4 @@
-"""Commands for this stage (registered by `register`)."""
+"""`xdiff browse`: open the Textual TUI over a run's features (and its steering chat)."""
 
 from __future__ import annotations
 
@@ -6,4 +6,14 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Nothing yet: this stage's commands land with its issue."""
+    @app.command()
+    def browse(
+        run: str | None = typer.Option(None, "--run", help="Run id to open (default: pick among runs, or the only one)."),
+    ) -> None:
+        """Browse exclusive and shared features, their top examples, and steer them in a chat."""
+        from xdiff_cli.runs import resolve_run
+        from xdiff_cli.tui.app import XdiffApp
+
+        if run is not None:
+            resolve_run(run)  # an unknown id is a one-line error, before the screen takes over
+        XdiffApp(run_id=run).run()

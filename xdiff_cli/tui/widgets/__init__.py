@@ -1,0 +1,1 @@
+"""Widgets the screens compose: feature table, feature detail, shaded examples, stream panes."""
