@@ -75,6 +75,8 @@ class XdiffApp(App):
             self.push_screen(HelpScreen())
 
     def action_switch_run(self) -> None:
-        if isinstance(self.screen, RunPickerScreen):
+        if any(isinstance(s, RunPickerScreen) for s in self.screen_stack):
+            while not isinstance(self.screen, RunPickerScreen):
+                self.pop_screen()
             return
         self.push_screen(RunPickerScreen())

@@ -163,6 +163,8 @@ class FeaturesScreen(Screen):
         search = self.query_one("#search", Input)
         if search.has_focus:
             self.table.focus()
+        elif len(self.app.screen_stack) > 2:  # opened from the run picker: back to it
+            self.app.pop_screen()
 
     def action_cycle_sort(self) -> None:
         self.sort = SORT_CYCLE[(SORT_CYCLE.index(self.sort) + 1) % len(SORT_CYCLE)]

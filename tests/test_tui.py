@@ -1,0 +1,252 @@
+"""Functional tests of `xdiff browse`: drive the Textual app with Pilot on a tiny analysed run."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.style import Style
+from textual.widgets import DataTable, Input, Static, Tabs
+
+from tests.tui_fixtures import ARTIFACT_FEATURE, CONCEPTS, N_EXCLUSIVE, make_analysed_run, make_run
+from xdiff_cli.tui.app import XdiffApp
+from xdiff_cli.tui.screens.empty_state import EmptyStateScreen
+from xdiff_cli.tui.screens.features import FeaturesScreen
+from xdiff_cli.tui.screens.help import HelpScreen
+from xdiff_cli.tui.screens.run_picker import RunPickerScreen
+from xdiff_cli.tui.widgets.example_text import activation_color
+from xdiff_cli.tui.widgets.feature_detail import FeatureDetail
+from xdiff_cli.tui.widgets.feature_table import FeatureTable
+
+SIZE = (100, 30)
+
+
+def listed_ids(app: XdiffApp) -> list[int]:
+    table = app.screen.query_one(FeatureTable)
+    return [int(key.value) for key in table.rows]
+
+
+def static_text(screen, selector: str) -> str:  # noqa: ANN001
+    """What a Static shows, as plain text (strings, Text and tables alike)."""
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(screen.query_one(selector, Static).content)
+    return console.export_text()
+
+
+async def test_single_run_opens_on_the_a_exclusive_features_in_rank_order():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen)
+        assert app.screen.sub_title == "demo-run"
+        ids = listed_ids(app)
+        assert sorted(ids) == list(range(N_EXCLUSIVE))
+        ranks = [app.screen.index.feature(i).rank for i in ids]
+        assert ranks == sorted(ranks)
+
+
+async def test_partition_keys_switch_the_list_and_tabs():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("2")
+        await pilot.pause()
+        assert sorted(listed_ids(app)) == list(range(N_EXCLUSIVE, 2 * N_EXCLUSIVE))
+        assert app.screen.query_one(Tabs).active == "tab-b"
+        await pilot.press("3")
+        await pilot.pause()
+        assert all(i >= 2 * N_EXCLUSIVE for i in listed_ids(app))
+        await pilot.press("4")
+        await pilot.pause()
+        assert len(listed_ids(app)) == len(CONCEPTS)
+
+
+async def test_clicking_a_tab_switches_partition():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.click("#tab-b")
+        await pilot.pause()
+        assert sorted(listed_ids(app)) == list(range(N_EXCLUSIVE, 2 * N_EXCLUSIVE))
+
+
+async def test_sort_key_cycles_and_header_click_sorts_by_that_column():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("4", "o")  # rank -> id
+        await pilot.pause()
+        assert listed_ids(app) == list(range(len(CONCEPTS)))
+        assert "by id" in static_text(app.screen, "#list-status")
+        table = app.screen.query_one(FeatureTable)
+        table.post_message(
+            DataTable.HeaderSelected(table, table.columns["max_activation"].key, 4, table.columns["max_activation"].label)
+        )
+        await pilot.pause()
+        s_max = [app.screen.index.feature(i).max_activation for i in listed_ids(app)]
+        assert s_max == sorted(s_max, reverse=True)
+        assert "by s_max" in static_text(app.screen, "#list-status")
+
+
+async def test_incremental_search_narrows_the_list_as_you_type():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("4", "slash")
+        assert app.screen.query_one("#search", Input).has_focus
+        await pilot.press(*"glacier")
+        await pilot.pause(0.5)  # past the debounce
+        assert listed_ids(app) == [CONCEPTS.index("glacier")]
+        await pilot.press(*"xyz")
+        await pilot.pause(0.5)
+        assert listed_ids(app) == []
+        assert "No feature matches" in static_text(app.screen, "#detail-stats")
+
+
+async def test_selecting_a_feature_shows_its_stats_and_shaded_examples():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("4", "o", "ctrl+home")  # all features by id: row i is feature i
+        await pilot.pause()
+        await pilot.press(*["down"] * ARTIFACT_FEATURE)
+        await pilot.pause()
+        detail = app.screen.query_one(FeatureDetail)
+        assert detail.feature is not None and detail.feature.id == ARTIFACT_FEATURE
+        assert "token artifact" in static_text(app.screen, "#detail-stats")
+        examples = app.screen.query_one("#detail-examples", Static).content
+        assert CONCEPTS[ARTIFACT_FEATURE] in str(examples)
+        # the firing token is emphasised and shaded at the hottest colour
+        styled = [s for s in examples.spans if isinstance(s.style, Style)]
+        bold = [s for s in styled if s.style.bold]
+        assert bold and str(examples)[bold[0].start : bold[0].end] == CONCEPTS[ARTIFACT_FEATURE]
+        hottest = activation_color(1.0, 1.0)
+        assert any(s.style.bgcolor == hottest and (s.start, s.end) == (bold[0].start, bold[0].end) for s in styled)
+
+
+async def test_shared_feature_view_toggles_between_a_and_b_tokens():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("3")
+        await pilot.pause()
+        detail = app.screen.query_one(FeatureDetail)
+        assert detail.feature.partition == "shared" and detail.view == "a"
+        await pilot.press("v")
+        assert detail.view == "b"
+        assert "model B tokens" in static_text(app.screen, "#detail-examples-title")
+
+
+async def test_several_runs_start_with_the_picker_newest_first_and_open_one():
+    make_analysed_run("old-run", created="2024-05-01T00:00:00+00:00")
+    make_analysed_run("new-run", created="2025-06-01T00:00:00+00:00")
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, RunPickerScreen)
+        table = app.screen.query_one("#run-table", DataTable)
+        assert [k.value for k in table.rows] == ["new-run", "old-run"]
+        assert table.get_row_at(0)[1] == "org/model-a vs org/model-b"
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen) and app.screen.run.id == "old-run"
+        await pilot.press("escape")  # back to the picker
+        assert isinstance(app.screen, RunPickerScreen)
+
+
+async def test_run_option_opens_that_run_directly():
+    make_analysed_run("old-run", created="2024-05-01T00:00:00+00:00")
+    make_analysed_run("new-run", created="2025-06-01T00:00:00+00:00")
+    app = XdiffApp(run_id="old-run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen) and app.screen.run.id == "old-run"
+
+
+async def test_no_runs_shows_how_to_make_one():
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, EmptyStateScreen)
+        message = static_text(app.screen, "#empty-message")
+        assert "No runs yet" in message and "xdiff run MODEL_A MODEL_B" in message
+
+
+async def test_unanalysed_run_says_its_stage_and_rechecks_when_it_finishes():
+    run = make_run("training-run", done=("pull", "harvest"))
+    run.mark_stage("train", "running")
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, EmptyStateScreen)
+        message = static_text(app.screen, "#empty-message")
+        assert "train (running)" in message and "xdiff run" in message
+        # the pipeline finishes while the screen is open; `r` picks it up
+        from tests.tui_fixtures import write_analysis
+
+        write_analysis(run.analysis_path)
+        run.mark_stage("train", "done")
+        run.mark_stage("analyze", "done")
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen)
+
+
+async def test_help_screen_opens_and_closes():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, FeaturesScreen)
+
+
+async def test_command_palette_goes_to_a_feature():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"feature 20")
+        await pilot.pause(0.6)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen)
+        assert app.screen.query_one(FeatureDetail).feature.id == 20
+        assert app.screen.query_one(Tabs).active == "tab-shared"
+
+
+async def test_steer_refuses_a_dead_feature_with_a_notice():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.screen.select_feature(35)  # the dead feature
+        await pilot.press("s")
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen)
+        assert any("never fires" in n.message for n in app._notifications)
+
+
+@pytest.mark.parametrize("command", [["browse", "--run", "nope"]])
+def test_browse_unknown_run_is_a_one_line_error(command):
+    from typer.testing import CliRunner
+
+    from xdiff_cli.cli import app
+
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1
+    assert "no run named 'nope'" in result.output
