@@ -273,7 +273,9 @@ class StoreWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            raise disk_full_error(docs) if exc.errno == errno.ENOSPC else exc
+            if exc.errno == errno.ENOSPC:
+                raise disk_full_error(docs) from exc
+            raise
         first_doc = int(shard.doc_id[0]) if len(shard) else None
         self.manifest["shards"].append({"name": name, "n_tokens": len(shard), "first_doc_id": first_doc})
         self.manifest["n_tokens"] += len(shard)
