@@ -39,3 +39,32 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from xdiff_cli.tiny import write_corpus_jsonl
 
     return write_corpus_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", n_docs=300, n_chats=60)
+
+
+# --- fake model hub (issue 3: models) --------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A running `tests/fakehub.FakeHub`, with this process pointed at it.
+
+    The endpoint, cache and offline flag are read by `xdiff_cli.hub` at call time; the offline
+    flag huggingface_hub froze at import is reset here too. `hub.add_repo(id, dir)` serves a
+    model directory; `fetch_model(id)` then downloads it through the real huggingface_hub code.
+    """
+    import huggingface_hub.constants as hf_constants
+    from fakehub import FakeHub  # tests/ is on sys.path (rootdir conftest)
+
+    hub = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    # Never send the developer's stored token to the fake hub.
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"), raising=False)
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored"), raising=False)
+    yield hub
+    hub.stop()

@@ -36,8 +36,8 @@ class FakeRepo:
     allowed_tokens: set[str] = field(default_factory=set)
 
     def resolve(self, revision: str) -> str | None:
-        if revision == self.sha:
-            return self.sha
+        if revision == self.sha or revision in self.revisions.values():
+            return revision
         return self.revisions.get(revision)
 
 

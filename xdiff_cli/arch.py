@@ -30,7 +30,13 @@ _LAYER_PATHS = {
     "gpt2": "transformer.h",
 }
 # Fallback search order for families not listed above.
-_FALLBACK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers")
+_FALLBACK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "layers",
+)
 
 
 def _get_path(obj: Any, dotted: str) -> Any:
@@ -82,10 +88,28 @@ def find_decoder_layers(model: Any) -> Any:
             continue
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
             return layers
+    layers = _largest_layer_list(model)
+    if layers is not None:
+        return layers
     raise XdiffError(
         f"cannot find the decoder layers of a {model_type!r} model",
         "this architecture is not supported yet; please file an issue with the model id",
     )
+
+
+def _largest_layer_list(model: Any) -> Any:
+    """General fallback: the ModuleList whose length is the config's layer count (else the longest)."""
+    import torch
+
+    try:
+        expected = config_num_layers(model.config)
+    except XdiffError:
+        expected = None
+    lists = [m for _, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    matching = [m for m in lists if len(m) == expected]
+    if matching:
+        return matching[0]
+    return max(lists, key=len) if lists and expected is None else None
 
 
 def layer_output_tensor(output: Any) -> Any:

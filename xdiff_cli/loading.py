@@ -20,7 +20,7 @@ class LoadedModel:
     tokenizer: Any
     adapter: ArchAdapter
     path: Path
-    quant: str  # "none" | "8bit" | "4bit"
+    quant: str  # "none" | "8bit" | "4bit", or a shipped format such as "mxfp4"
     device: str
     dtype: str
 
@@ -37,10 +37,14 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise XdiffError(f"--device {device} was asked for but no CUDA GPU is visible", "use --device cpu")
+            raise XdiffError(
+                f"--device {device} was asked for but no CUDA GPU is visible", "use --device cpu"
+            )
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise XdiffError(f"no GPU {device}", f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise XdiffError(
+                f"no GPU {device}", f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return device
     if device != "cpu":
         raise XdiffError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
@@ -72,6 +76,60 @@ def quantization_config(quant: str, device: str):
     raise XdiffError(f"unknown quantisation {quant!r}", "use none, 8bit or 4bit")
 
 
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+@dataclass(frozen=True)
+class ModelDirInfo:
+    """What config.json says about a model directory, checked before any weights load."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    prequantized: str | None  # quant_method of weights shipped quantised (e.g. "mxfp4")
+
+
+def inspect_model_dir(path: Path | str, *, trust_remote_code: bool = False) -> ModelDirInfo:
+    """Reject, with one line, what cannot load as a causal LM: encoders, custom code, unknown types."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise XdiffError(
+            f"{path} is not a model directory (no config.json)", "pass a hub id or a saved model dir"
+        ) from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise XdiffError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    model_type = str(config.get("model_type", ""))
+    architectures = tuple(config.get("architectures") or ())
+    custom = "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    name = path.name
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if custom and not trust_remote_code:
+            raise XdiffError(
+                f"{name} needs custom code to load (model type {model_type!r})",
+                "rerun with --trust-remote-code if you trust its publisher",
+            )
+        if not custom:
+            raise XdiffError(
+                f"{name} has a model type this transformers does not know ({model_type!r})",
+                "upgrade transformers (pip install -U transformers)",
+            )
+    elif architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+        raise XdiffError(
+            f"{name} is not a causal LM ({', '.join(architectures)})",
+            "xdiff compares decoder-only language models",
+        )
+    elif not architectures and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise XdiffError(f"{name} is not a causal LM (model type {model_type!r})")
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return ModelDirInfo(model_type, architectures, method)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
@@ -94,14 +152,17 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise XdiffError(f"{path} is not a model directory (no config.json)", "pass a hub id or a saved model dir")
+    info = inspect_model_dir(path, trust_remote_code=trust_remote_code)
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
-    qconfig = quantization_config(quant, device)
+    # Weights shipped quantised (GPT-OSS's MXFP4) load in their own format, or dequantised by
+    # transformers where its kernels are missing; bitsandbytes cannot be stacked on them.
+    qconfig = None if info.prequantized else quantization_config(quant, device)
     if qconfig is not None:
+        _require_bitsandbytes(quant)
         kwargs["quantization_config"] = qconfig
+    if qconfig is not None or info.prequantized:
         kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -112,9 +173,19 @@ def load_model(
                 f"{path.name} needs custom code to load", "rerun with --trust-remote-code if you trust it"
             ) from exc
         raise XdiffError(f"cannot load {path} as a causal LM: {message}") from exc
-    if qconfig is None:
+    if qconfig is None and not info.prequantized:
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    return LoadedModel(model, tokenizer, ArchAdapter(model), path, "none" if qconfig is None else quant, device, dtype)
+    loaded_quant = info.prequantized or ("none" if qconfig is None else quant)
+    return LoadedModel(model, tokenizer, ArchAdapter(model), path, loaded_quant, device, dtype)
+
+
+def _require_bitsandbytes(quant: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise XdiffError(
+            f"--quant {quant} needs bitsandbytes", "pip install bitsandbytes, or use --quant none"
+        )

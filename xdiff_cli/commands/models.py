@@ -1,9 +1,93 @@
-"""Commands for this stage (registered by `register`)."""
+"""`xdiff pull` (download a model) and `xdiff plan` (memory plan for a model pair)."""
 
 from __future__ import annotations
 
 import typer
 
+from xdiff_cli.settings import QUANT_CHOICES
+
+
+def pull(
+    model: str = typer.Argument(..., help="Hub id org/name[@revision] or a local model directory."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit sha (same as MODEL@REV)."),
+    allow_pickle_weights: bool = typer.Option(
+        False,
+        "--allow-pickle-weights",
+        help="Also download pickle .bin weights (only from publishers you trust).",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow models that ship their own Python code."
+    ),
+) -> None:
+    """Download what loading MODEL needs (config, tokenizer, safetensors) into the HF cache."""
+    from dataclasses import replace
+
+    from xdiff_cli.console import console
+    from xdiff_cli.errors import XdiffError
+    from xdiff_cli.hub import fetch_model, parse_model_spec
+    from xdiff_cli.loading import inspect_model_dir
+
+    spec = parse_model_spec(model)
+    if revision:
+        if spec.is_local:
+            raise XdiffError("--revision applies to hub ids, not local directories")
+        if spec.revision and spec.revision != revision:
+            raise XdiffError(
+                f"two revisions given ({spec.revision} and {revision})", "use MODEL@REV or --revision"
+            )
+        spec = replace(spec, revision=revision)
+    fetched = fetch_model(
+        spec, allow_pickle_weights=allow_pickle_weights, trust_remote_code=trust_remote_code
+    )
+    info = inspect_model_dir(fetched.path, trust_remote_code=trust_remote_code)
+    console.print(f"[bold]path[/]      {fetched.path}")
+    console.print(f"[bold]repo[/]      {fetched.repo_id or '(local directory)'}")
+    console.print(f"[bold]revision[/]  {fetched.revision}")
+    console.print(
+        f"[bold]model[/]     {info.model_type} ({', '.join(info.architectures) or 'no architectures listed'})"
+    )
+
+
+def plan(
+    model_a: str = typer.Argument(..., help="Model A: hub id or local directory."),
+    model_b: str = typer.Argument(..., help="Model B: hub id or local directory."),
+    quant: str = typer.Option("auto", "--quant", help="auto, none, 8bit or 4bit (both models)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    gpu_memory: float = typer.Option(
+        None, "--gpu-memory", help="Plan for this many GB free instead of measuring the device."
+    ),
+    dict_size: int = typer.Option(
+        None, "--dict-size", help="Crosscoder features (default: 32 x mean width)."
+    ),
+) -> None:
+    """Show how two models and the crosscoder fit in memory (downloads configs only)."""
+    from xdiff_cli.console import console
+    from xdiff_cli.errors import XdiffError
+    from xdiff_cli.hub import fetch_metadata, parse_model_spec
+    from xdiff_cli.planner import footprint_from_dir, plan_memory
+
+    if quant not in QUANT_CHOICES:
+        raise XdiffError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    footprints = []
+    for text in (model_a, model_b):
+        spec = parse_model_spec(text)
+        footprints.append(footprint_from_dir(fetch_metadata(spec), name=spec.repo_id or spec.local_path.name))
+    if gpu_memory is not None:
+        target = "cuda"
+        free = int(gpu_memory * 1e9)
+    else:
+        from xdiff_cli.loading import resolve_device
+
+        target = resolve_device(device)
+        free = None
+    result = plan_memory(footprints, quant=quant, device=target, free_bytes=free, dict_size=dict_size)
+    console.print(result.table())
+    for note in result.notes:
+        console.print(f"[dim]note:[/] {note}")
+    result.check()
+    console.print(f"[green]fits[/]: precision {result.models[0].label} / {result.models[1].label}")
+
 
 def register(app: typer.Typer) -> None:
-    """Nothing yet: this stage's commands land with its issue."""
+    app.command("pull")(pull)
+    app.command("plan")(plan)
