@@ -258,3 +258,15 @@ def test_prompt_longer_than_the_context_is_an_error(steerer: Steerer) -> None:
         steerer.generate("the cat sat " * 200, [(SHARED, 1.0)], side="a", max_new_tokens=8)
     with pytest.raises(XdiffError, match="exceeds"):
         steerer.generate(PROMPT, [(SHARED, 1.0)], side="a", max_new_tokens=600)
+
+
+def test_layer_comes_from_the_store_manifest_then_run_record_then_middle(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    run = make_steerable_run(tiny_models, tmp_path)
+    assert (Steerer(run).layer("a"), Steerer(run).layer("b")) == (STEER_LAYER_A, STEER_LAYER_B)
+    (run.store_dir / "manifest.json").unlink()
+    run.set_model("a", {**run.record["models"]["a"], "layer": 3})
+    steerer = Steerer(run)
+    assert steerer.layer("a") == 3
+    assert steerer.layer("b") == 2  # tiny Qwen3 has 4 layers: the middle one

@@ -316,9 +316,14 @@ class Steerer:
         return str(info.get("repo_id") or info.get("spec") or info.get("path"))
 
     def layer(self, side: str) -> int:
-        """The crosscoder's layer for `side`: what harvest recorded, else the settings,
-        else the model's default (middle) layer."""
-        for value in (self.manifest.get(f"layer_{side}"), getattr(self.run.settings, f"layer_{side}")):
+        """The crosscoder's layer for `side`: what harvest recorded in the store manifest,
+        else what `pull` planned (run.json), else the settings, else the middle layer."""
+        candidates = (
+            self.manifest.get(f"layer_{side}"),
+            self.model_info(side).get("layer"),
+            getattr(self.run.settings, f"layer_{side}"),
+        )
+        for value in candidates:
             if isinstance(value, int):
                 return value
         return self.load(side).adapter.default_layer
@@ -345,12 +350,14 @@ class Steerer:
                 f"model {side.upper()} ({name}) is not downloaded", f"run `xdiff pull {info.get('spec') or name}`"
             )
         settings = self.run.settings
+        # What `pull` planned for this machine (run.json), unless the caller overrides it.
         quant = self.quant or info.get("quant") or settings.quant
         quant = "none" if quant in (None, "auto") else quant
-        device = self.device or settings.device or "auto"
+        device = self.device or info.get("device") or settings.device or "auto"
+        dtype = info.get("dtype") if self.device is None else None
         if on_progress is not None:
             on_progress(f"loading model {side.upper()} ({self.model_name(side)}, {quant}) …")
-        loaded = load_model(path, quant=quant, device=device, trust_remote_code=settings.trust_remote_code)
+        loaded = load_model(path, quant=quant, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
         self._models[side] = loaded
         return loaded
 
