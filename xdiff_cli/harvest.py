@@ -18,6 +18,7 @@ from the first stored pairs; activations are stored raw.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 from collections.abc import Iterable, Iterator
@@ -48,7 +49,12 @@ def default_shard_tokens(tokens: int) -> int:
 def tokenizer_hash(tokenizer: Any) -> str:
     """Fingerprint of a tokenizer (vocabulary, merges, specials, chat template)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # Truncation/padding are call-time state the library sets on the backend: not identity.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        body = json.dumps(spec, sort_keys=True)
+    else:
+        body = repr(sorted(tokenizer.get_vocab().items()))
     body += "\n" + str(getattr(tokenizer, "chat_template", "") or "")
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
 
