@@ -250,3 +250,91 @@ def test_browse_unknown_run_is_a_one_line_error(command):
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 1
     assert "no run named 'nope'" in result.output
+
+
+# --- the steered chat on the tiny models ------------------------------------------------
+
+
+async def _open_steer_screen(pilot, app: XdiffApp, feature_id: int):  # noqa: ANN001, ANN202
+    from xdiff_cli.tui.screens.steer import SteerScreen
+
+    await pilot.pause()
+    app.screen.select_feature(feature_id)
+    await pilot.press("s")
+    await pilot.pause()
+    assert isinstance(app.screen, SteerScreen)
+    return app.screen
+
+
+async def _wait_until_done(pilot, screen, timeout_s: float = 60.0) -> None:  # noqa: ANN001
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    await pilot.pause(0.2)
+    while screen.generating and time.monotonic() < deadline:
+        await pilot.pause(0.2)
+    assert not screen.generating, "generation did not finish"
+
+
+def _steerable_run(tiny_models, tmp_path):  # noqa: ANN001, ANN202
+    from tests.steer_fixtures import make_steerable_run
+
+    run = make_steerable_run(tiny_models, tmp_path)
+    for stage in ("pull", "harvest", "train", "analyze"):
+        run.mark_stage(stage, "done")
+    return run
+
+
+async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_path):
+    from xdiff_cli.steering import Steerer
+    from xdiff_cli.tui.widgets.stream_pane import StreamPane
+
+    run = _steerable_run(tiny_models, tmp_path)
+    app = XdiffApp(run_id=run.id)
+    streamed: list[tuple[str, str]] = []
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 2)  # A-exclusive: steers model A
+        original_append = screen._append
+        screen._append = lambda stream, piece: (streamed.append((stream, piece)), original_append(stream, piece))
+        await pilot.press(*"the cat", "tab", *["down"] * 8)  # in the scale box: α +4 -> -4
+        assert screen.scale_input.value == "-4"
+        await pilot.press("enter")
+        await _wait_until_done(pilot, screen)
+        result = screen.last_result
+        assert result is not None and not result.stopped and result.model == "a"
+        assert result.features == [(2, -4.0)]
+        baseline = screen.query_one("#pane-baseline", StreamPane)
+        steered = screen.query_one("#pane-steered", StreamPane)
+        assert baseline.text == result.baseline and steered.text == result.steered
+        assert steered.border_title == "steered (feature 2 × -4)"
+        assert {s for s, _ in streamed} == {"baseline", "steered"}
+        assert "".join(p for s, p in streamed if s == "baseline") == result.baseline
+        assert result.kl is not None and "KL" in static_text(screen, "#steer-status")
+    # the TUI shows exactly what the library generates for the same request
+    expected = Steerer(run).generate("the cat", [(2, -4.0)], side="a", max_new_tokens=64)
+    assert (expected.baseline, expected.steered) == (result.baseline, result.steered)
+
+
+async def test_escape_stops_generation_then_leaves_the_chat(tiny_models, tmp_path):
+    from xdiff_cli.tui.widgets.stream_pane import StreamPane
+
+    run = _steerable_run(tiny_models, tmp_path)
+    app = XdiffApp(run_id=run.id)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 3)
+        original_append = screen._append
+
+        def append_then_escape(stream: str, piece: str) -> None:
+            original_append(stream, piece)
+            if not screen.cancel_event.is_set():
+                screen.action_cancel_or_back()  # what Esc does, right after the first piece
+
+        screen._append = append_then_escape
+        await pilot.press(*"the cat", "enter")
+        await _wait_until_done(pilot, screen)
+        assert screen.last_result.stopped
+        assert screen.query_one("#pane-steered", StreamPane).text == ""  # never started
+        assert "stopped" in static_text(screen, "#steer-status")
+        await pilot.press("escape")  # not generating: Esc goes back to the features
+        await pilot.pause()
+        assert isinstance(app.screen, FeaturesScreen)
