@@ -34,6 +34,29 @@ PARTITIONS = ("a", "b", "shared")
 
 
 @dataclass
+class SparseActs:
+    """Batch top-k activations as a bag of (token, feature, value) triples, sorted by token.
+
+    `offsets_N[n]` is where token n's entries start, so the layout is exactly what
+    `torch.nn.functional.embedding_bag` wants: the decoder then reads only the k·N active
+    rows instead of multiplying the whole dense [N, F] matrix."""
+
+    feature_K: torch.Tensor  # int64 feature id of each kept entry
+    value_K: torch.Tensor  # its activation (0 for padding entries that were not positive)
+    offsets_N: torch.Tensor  # int64 start of each token's entries
+    n_tokens: int
+    dict_size: int
+
+    def to_dense(self) -> torch.Tensor:
+        token_K = torch.repeat_interleave(
+            torch.arange(self.n_tokens, device=self.offsets_N.device),
+            torch.diff(self.offsets_N, append=self.offsets_N.new_tensor([self.feature_K.numel()])),
+        )
+        dense_NF = self.value_K.new_zeros(self.n_tokens, self.dict_size)
+        return dense_NF.index_put((token_K, self.feature_K), self.value_K, accumulate=True)
+
+
+@dataclass
 class CrosscoderConfig:
     d_a: int
     d_b: int
@@ -153,6 +176,24 @@ class Crosscoder(nn.Module):
         min_kept = kept.min() if kept.numel() else torch.zeros((), device=acts_NF.device)
         return acts_NF * mask, min_kept
 
+    def batch_topk_sparse(self, acts_NF: torch.Tensor, k: float) -> tuple[SparseActs, torch.Tensor]:
+        """Same selection as `batch_topk`, returned as `SparseActs` for `decode_sparse`."""
+        N, F = acts_NF.shape
+        scores_NF = self.ranking_scores(acts_NF)
+        n_keep = max(1, min(int(round(k * N)), scores_NF.numel()))
+        top_scores_K, flat_K = scores_NF.flatten().topk(n_keep, sorted=False)
+        # Sorting the flat index groups entries by token, which embedding_bag needs.
+        flat_K, order_K = flat_K.sort()
+        top_scores_K = top_scores_K[order_K]
+        token_K, feature_K = flat_K // F, flat_K % F
+        value_K = acts_NF.flatten()[flat_K]  # differentiable gather
+        offsets_N = torch.searchsorted(token_K, torch.arange(N, device=acts_NF.device))
+        positive = top_scores_K > 0
+        inf = torch.full_like(top_scores_K, float("inf"))
+        min_kept = torch.where(positive, top_scores_K, inf).min()
+        min_kept = torch.where(torch.isinf(min_kept), torch.zeros_like(min_kept), min_kept)
+        return SparseActs(feature_K, value_K, offsets_N, N, F), min_kept
+
     def threshold_activations(self, acts_NF: torch.Tensor) -> torch.Tensor:
         """Inference: a learned global threshold on the ranking score replaces the batch top-k."""
         if float(self.threshold) < 0:
@@ -168,6 +209,18 @@ class Crosscoder(nn.Module):
 
     def decode(self, f_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return f_NF @ self.W_dec_FA + self.b_dec_A, f_NF @ self.W_dec_FB + self.b_dec_B
+
+    def decode_sparse(self, acts: SparseActs) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` for sparse activations: reads only the active decoder rows."""
+        import torch.nn.functional as F
+
+        outs = []
+        for W_FD, b_D in ((self.W_dec_FA, self.b_dec_A), (self.W_dec_FB, self.b_dec_B)):
+            x_ND = F.embedding_bag(
+                acts.feature_K, W_FD, acts.offsets_N, mode="sum", per_sample_weights=acts.value_K.to(W_FD.dtype)
+            )
+            outs.append(x_ND + b_D)
+        return outs[0], outs[1]
 
     def forward(self, x_NA: torch.Tensor, x_NB: torch.Tensor, k: float | None = None):
         f_NF = self.encode(x_NA, x_NB, k)

@@ -1,0 +1,712 @@
+"""Training a (Dedicated Feature) Crosscoder: the `train` stage.
+
+The recipe follows the DFC paper and its public code (docs: DESIGN.md §2):
+
+    f      = BatchTopK_k(ReLU(W_enc x + b_enc)), ranked by f_i · Σ_m ‖d_i^m‖
+    loss   = Σ_m mean_N ‖x_m − x̂_m‖²  +  0.03 · AuxK
+    k      annealed linearly from k_start (1000, capped at dict_size) to k
+    AuxK   dead features (no activation for `dead_window_tokens`) fit the residual
+    Adam   lr with linear warm-up, grad-norm clip 1.0, bf16 autocast on CUDA
+    init   decoder rows at norm 0.4 (module), decoder bias = geometric median of a batch
+    infer  threshold = bias-corrected EMA (β = 0.999) of the smallest kept score per batch
+
+Schedules scale with short runs: the paper trains 100k steps with 1k warm-up steps (1%),
+anneals k over 5k steps (5%) and calls a feature dead after 10M tokens (~5% of its 205M);
+we keep those fractions and cap at the paper's absolute values.
+
+Data comes from an *activation source* (`ActivationStore.split(...)`, or `InMemorySource`):
+`n_tokens`, `d_a`, `d_b`, `scale_a`, `scale_b`, `num_shards`, `load_shard(i)` → `.acts_a`,
+`.acts_b` raw tensors. `ShuffledBatches` owns shuffling and is a pure function of
+(seed, position), so a resumed run sees exactly the batches an uninterrupted one would.
+
+Checkpoints (`out_dir/checkpoints/step-XXXXXXX/`): the model (`Crosscoder.save`), Adam
+moments and trainer tensors (`trainer.safetensors`) and `state.json`; the last two are
+kept. `out_dir/final/` holds the trained crosscoder, `out_dir/metrics.jsonl` the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig, SparseActs
+from xdiff_cli.errors import XdiffError
+
+# ---------------------------------------------------------------------------------------
+# Activation sources
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryShard:
+    acts_a: torch.Tensor
+    acts_b: torch.Tensor
+
+
+class InMemorySource:
+    """The activation-source protocol over two in-memory tensors, cut into shards."""
+
+    def __init__(
+        self,
+        acts_a: torch.Tensor,
+        acts_b: torch.Tensor,
+        shard_size: int = 16_384,
+        scale_a: float = 1.0,
+        scale_b: float = 1.0,
+    ) -> None:
+        if acts_a.shape[0] != acts_b.shape[0]:
+            raise ValueError("acts_a and acts_b must hold the same number of tokens")
+        self.acts_a, self.acts_b = acts_a, acts_b
+        self.shard_size = shard_size
+        self.scale_a, self.scale_b = float(scale_a), float(scale_b)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.acts_a.shape[0]
+
+    @property
+    def d_a(self) -> int:
+        return self.acts_a.shape[1]
+
+    @property
+    def d_b(self) -> int:
+        return self.acts_b.shape[1]
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.n_tokens / self.shard_size)
+
+    def load_shard(self, i: int) -> MemoryShard:
+        rows = slice(i * self.shard_size, (i + 1) * self.shard_size)
+        return MemoryShard(self.acts_a[rows], self.acts_b[rows])
+
+
+@dataclass
+class DataPosition:
+    """Where `ShuffledBatches` is: the buffer starting at shard `shard_pos` of epoch
+    `epoch`'s shard permutation, and how many batches of it were already used."""
+
+    epoch: int = 0
+    shard_pos: int = 0
+    batch_in_buffer: int = 0
+
+
+class ShuffledBatches:
+    """Deterministic shuffled batches of normalised activations.
+
+    Each epoch visits the shards in a seeded random order; consecutive shards are
+    concatenated into a buffer of at least `buffer_tokens` rows (and one batch), whose rows
+    are permuted by a generator seeded with (seed, epoch, shard_pos); batches are cut from
+    it and a short tail is dropped. Everything depends only on the seed and the position, so
+    `DataPosition` alone resumes the stream exactly."""
+
+    def __init__(self, source, batch_size: int, seed: int, device: torch.device, buffer_tokens: int = 262_144):
+        if source.n_tokens < batch_size:
+            raise XdiffError(
+                f"the activation store holds {source.n_tokens} tokens, fewer than one batch ({batch_size})",
+                "harvest more tokens (--tokens) or lower --batch-size",
+            )
+        self.source, self.batch_size, self.seed, self.device = source, batch_size, seed, device
+        self.buffer_tokens = max(buffer_tokens, batch_size)
+        self.position = DataPosition()
+        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._next_shard_pos = 0
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.source.num_shards)
+
+    def _load_buffer(self) -> None:
+        """Fill the buffer that starts at `self.position` (epoch, shard_pos)."""
+        pos = self.position
+        order = self._shard_order(pos.epoch)
+        mean_shard = self.source.n_tokens / self.source.num_shards
+        parts_a, parts_b, rows, i = [], [], 0, pos.shard_pos
+        while i < len(order):
+            shard = self.source.load_shard(int(order[i]))
+            parts_a.append(shard.acts_a)
+            parts_b.append(shard.acts_b)
+            rows += shard.acts_a.shape[0]
+            i += 1
+            # Stop once the buffer is big enough, unless what is left of the epoch (estimated
+            # from the mean shard size, so it depends on the position only) cannot fill a batch.
+            if rows >= self.buffer_tokens and (len(order) - i) * mean_shard >= self.batch_size:
+                break
+        acts_a = torch.cat(parts_a).to(self.device, torch.float32) * self.source.scale_a
+        acts_b = torch.cat(parts_b).to(self.device, torch.float32) * self.source.scale_b
+        perm = np.random.default_rng([self.seed, pos.epoch, pos.shard_pos]).permutation(acts_a.shape[0])
+        perm_t = torch.from_numpy(perm).to(self.device)
+        self._buffer = (acts_a[perm_t], acts_b[perm_t])
+        self._next_shard_pos = i
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._buffer is None:
+            self._load_buffer()
+        buf_a, buf_b = self._buffer
+        start = self.position.batch_in_buffer * self.batch_size
+        if start + self.batch_size > buf_a.shape[0]:
+            # Buffer used up: move to the next one (or the next epoch) and retry.
+            if self._next_shard_pos >= self.source.num_shards:
+                self.position = DataPosition(self.position.epoch + 1, 0, 0)
+            else:
+                self.position = DataPosition(self.position.epoch, self._next_shard_pos, 0)
+            self._buffer = None
+            return self.next()
+        self.position = dataclasses.replace(self.position, batch_in_buffer=self.position.batch_in_buffer + 1)
+        rows = slice(start, start + self.batch_size)
+        return buf_a[rows], buf_b[rows]
+
+    def seek(self, position: DataPosition) -> None:
+        self.position = position
+        self._buffer = None
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100_000
+    batch_size: int = 2048
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    warmup_steps: int | None = None  # None: min(1000, 1% of steps)
+    k_start: int | None = None  # None: min(1000, dict_size)
+    k_anneal_steps: int | None = None  # None: min(5000, 5% of steps)
+    aux_coef: float = 0.03
+    k_aux: int | None = None  # None: min(512, mean width / 2)
+    dead_window_tokens: int | None = None  # None: min(10M, 5% of the tokens seen in training)
+    threshold_beta: float = 0.999
+    grad_clip: float = 1.0
+    sparse_decode: bool = True  # decode only the k active rows (embedding_bag) instead of dense
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    buffer_tokens: int = 262_144
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise XdiffError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise XdiffError(f"--lr must be positive, got {self.lr}")
+        return self
+
+    # Resolved schedule values -----------------------------------------------------------
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, max(1, self.steps // 100))
+
+    def anneal(self) -> int:
+        return self.k_anneal_steps if self.k_anneal_steps is not None else min(5000, max(1, self.steps // 20))
+
+    def dead_window(self) -> int:
+        if self.dead_window_tokens is not None:
+            return self.dead_window_tokens
+        return min(10_000_000, max(self.batch_size, self.steps * self.batch_size // 20))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise XdiffError(f"device {device!r} requested but CUDA is not available", "use --device cpu")
+    return torch.device(device)
+
+
+def k_at(step: int, cc: CrosscoderConfig, tc: TrainConfig) -> float:
+    """k for this step: linear from k_start down to k over the annealing steps."""
+    k_start = tc.k_start if tc.k_start is not None else min(1000, cc.dict_size)
+    k_start = max(k_start, cc.k)
+    n = tc.anneal()
+    if step >= n:
+        return float(cc.k)
+    return k_start + (cc.k - k_start) * step / n
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    return tc.lr * min(1.0, (step + 1) / tc.warmup())
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces of the method
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def geometric_median(x_ND: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    x = x_ND.double()
+    median = x.mean(0)
+    for _ in range(iters):
+        weights_N = 1.0 / (x - median).norm(dim=1).clamp_min(eps)
+        new = (weights_N[:, None] * x).sum(0) / weights_N.sum()
+        moved = (new - median).norm()
+        median = new
+        if moved < eps * (1 + median.norm()):
+            break
+    return median.to(x_ND.dtype)
+
+
+@torch.no_grad()
+def init_decoder_bias(model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor) -> None:
+    model.b_dec_A.copy_(geometric_median(x_NA.float()))
+    model.b_dec_B.copy_(geometric_median(x_NB.float()))
+
+
+def aux_k_losses(
+    model: Crosscoder,
+    acts_NF: torch.Tensor,
+    resid_NA: torch.Tensor,
+    resid_NB: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AuxK per model: the top-`k_aux` dead features (by pre-activation) reconstruct the
+    main reconstruction's residual through the decoder alone (no bias).
+
+    Each model's term goes only through that model's decoder, whose forbidden rows are zero,
+    so a feature exclusive to the other model gets exactly zero gradient from it."""
+    import torch.nn.functional as F
+
+    k_aux = min(k_aux, int(dead_F.sum()))
+    if k_aux == 0:
+        zero = acts_NF.sum() * 0.0
+        return zero, zero
+    dead_acts_NF = torch.where(dead_F[None, :], acts_NF, torch.zeros_like(acts_NF))
+    value_NK, feature_NK = dead_acts_NF.topk(k_aux, dim=-1, sorted=False)
+    losses = []
+    for W_FD, resid_ND in ((model.W_dec_FA, resid_NA), (model.W_dec_FB, resid_NB)):
+        approx_ND = F.embedding_bag(feature_NK, W_FD, mode="sum", per_sample_weights=value_NK.to(W_FD.dtype))
+        losses.append((resid_ND.detach() - approx_ND).pow(2).sum(-1).mean())
+    return losses[0], losses[1]
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    aux_loss: torch.Tensor
+    sq_err_a: torch.Tensor  # Σ‖x−x̂‖² over the batch
+    sq_err_b: torch.Tensor
+    var_a: torch.Tensor  # Σ‖x−mean‖² over the batch
+    var_b: torch.Tensor
+    n_active: torch.Tensor  # total kept activations (> 0) in the batch
+    fired_F: torch.Tensor  # bool, features that fired in this batch
+    min_kept: torch.Tensor
+
+
+def training_forward(
+    model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, k: float, dead_F: torch.Tensor, tc: TrainConfig
+) -> StepOutput:
+    """One forward pass with BatchTopK and the full loss."""
+    acts_NF = model.pre_activations(x_NA, x_NB).float()
+    if tc.sparse_decode:
+        sparse, min_kept = model.batch_topk_sparse(acts_NF, k)
+        xhat_NA, xhat_NB = model.decode_sparse(sparse)
+        fired_F = _fired(sparse)
+        n_active = (sparse.value_K > 0).sum()
+    else:
+        f_NF, min_kept = model.batch_topk(acts_NF, k)
+        xhat_NA, xhat_NB = model.decode(f_NF)
+        fired_F = (f_NF > 0).any(0)
+        n_active = (f_NF > 0).sum()
+    xhat_NA, xhat_NB = xhat_NA.float(), xhat_NB.float()
+    resid_NA, resid_NB = x_NA - xhat_NA, x_NB - xhat_NB
+    sq_err_a, sq_err_b = resid_NA.pow(2).sum(), resid_NB.pow(2).sum()
+    N = x_NA.shape[0]
+    recon = (sq_err_a + sq_err_b) / N
+    k_aux = tc.k_aux if tc.k_aux is not None else min(512, (model.cfg.d_a + model.cfg.d_b) // 4)
+    aux_a, aux_b = aux_k_losses(model, acts_NF, resid_NA, resid_NB, dead_F, k_aux)
+    aux = aux_a + aux_b
+    return StepOutput(
+        loss=recon + tc.aux_coef * aux,
+        aux_loss=aux.detach(),
+        sq_err_a=sq_err_a.detach(),
+        sq_err_b=sq_err_b.detach(),
+        var_a=(x_NA - x_NA.mean(0)).pow(2).sum(),
+        var_b=(x_NB - x_NB.mean(0)).pow(2).sum(),
+        n_active=n_active,
+        fired_F=fired_F,
+        min_kept=min_kept.detach(),
+    )
+
+
+def _fired(sparse: SparseActs) -> torch.Tensor:
+    counts_F = torch.bincount(sparse.feature_K[sparse.value_K > 0], minlength=sparse.dict_size)
+    return counts_F > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_dir: Path
+    steps: int
+    fve_a: float
+    fve_b: float
+    l0: float
+    dead_fraction: float
+    resumed_from: int | None = None
+
+
+class Trainer:
+    """Model, optimizer, data stream and the running state that a checkpoint must hold."""
+
+    def __init__(self, source, cc: CrosscoderConfig, tc: TrainConfig, device: torch.device) -> None:
+        self.cc, self.tc, self.device, self.source = cc, tc, device, source
+        torch.manual_seed(tc.seed)
+        self.model = Crosscoder(cc).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999))
+        self.batches = ShuffledBatches(source, tc.batch_size, tc.seed, device, tc.buffer_tokens)
+        self.step = 0
+        self.tokens_since_fired_F = torch.zeros(cc.dict_size, dtype=torch.long, device=device)
+        self.threshold_ema = torch.zeros((), dtype=torch.float64, device=device)
+        self.threshold_count = 0  # batches in the EMA (it restarts when k annealing ends)
+
+    # --- one step ------------------------------------------------------------------------
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired_F >= self.tc.dead_window()
+
+    def train_step(self) -> StepOutput:
+        tc, model = self.tc, self.model
+        x_NA, x_NB = self.batches.next()
+        if self.step == 0:
+            init_decoder_bias(model, x_NA, x_NB)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, tc)
+        k = k_at(self.step, self.cc, tc)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = training_forward(model, x_NA, x_NB, k, self.dead_mask(), tc)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self._update_running_state(out)
+        self.step += 1
+        return out
+
+    @torch.no_grad()
+    def _update_running_state(self, out: StepOutput) -> None:
+        self.tokens_since_fired_F += self.tc.batch_size
+        self.tokens_since_fired_F[out.fired_F] = 0
+        # The threshold must describe the final k, so the EMA restarts once annealing ends.
+        if self.step == self.tc.anneal():
+            self.threshold_ema.zero_()
+            self.threshold_count = 0
+        beta = self.tc.threshold_beta
+        self.threshold_ema.mul_(beta).add_((1 - beta) * out.min_kept.double())
+        self.threshold_count += 1
+        corrected = self.threshold_ema / (1 - beta**self.threshold_count)
+        self.model.threshold.copy_(corrected.to(self.model.threshold.dtype))
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save(tmp)
+        tensors = {
+            "tokens_since_fired_F": self.tokens_since_fired_F.cpu(),
+            "threshold_ema": self.threshold_ema.cpu().reshape(1),
+        }
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p, st in self.optimizer.state.items():
+            name = names[id(p)]
+            tensors[f"adam.exp_avg.{name}"] = st["exp_avg"].detach().cpu().contiguous()
+            tensors[f"adam.exp_avg_sq.{name}"] = st["exp_avg_sq"].detach().cpu().contiguous()
+            tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"]).float().cpu().reshape(1)
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        state = {
+            "step": self.step,
+            "threshold_count": self.threshold_count,
+            "data_position": dataclasses.asdict(self.batches.position),
+            "crosscoder_config": dataclasses.asdict(self.cc),
+            "train_config": dataclasses.asdict(self.tc),
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((directory / "state.json").read_text())
+        saved_cc = CrosscoderConfig(**state["crosscoder_config"])
+        saved_tc = state["train_config"]
+        if saved_cc != self.cc or saved_tc["batch_size"] != self.tc.batch_size or saved_tc["seed"] != self.tc.seed:
+            raise XdiffError(
+                f"the checkpoint in {directory} was trained with different settings",
+                "delete the run's crosscoder/ folder to retrain, or train in a new run",
+            )
+        loaded = Crosscoder.load(directory, device=self.device)
+        self.model.load_state_dict(loaded.state_dict())
+        tensors = load_file(str(directory / "trainer.safetensors"), device=str(self.device))
+        self.tokens_since_fired_F.copy_(tensors["tokens_since_fired_F"])
+        self.threshold_ema.copy_(tensors["threshold_ema"][0])
+        opt_state = {}
+        for i, (name, _) in enumerate(self.model.named_parameters()):
+            if f"adam.exp_avg.{name}" in tensors:
+                opt_state[i] = {
+                    "step": tensors[f"adam.step.{name}"][0].cpu(),
+                    "exp_avg": tensors[f"adam.exp_avg.{name}"],
+                    "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"],
+                }
+        sd = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
+        self.step = state["step"]
+        self.threshold_count = state["threshold_count"]
+        self.batches.seek(DataPosition(**state["data_position"]))
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a state.json), oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class _MetricWindow:
+    """Sums over the steps since the last log line (kept on device: no per-step sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self.loss, self.aux, self.err_a, self.err_b, self.var_a, self.var_b, self.active = (z() for _ in range(7))
+        self.tokens = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def add(self, out: StepOutput, step: int, n_tokens: int) -> None:
+        bad = ~torch.isfinite(out.loss.detach())
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        self.loss += out.loss.detach().double()
+        self.aux += out.aux_loss.double()
+        self.err_a += out.sq_err_a.double()
+        self.err_b += out.sq_err_b.double()
+        self.var_a += out.var_a.double()
+        self.var_b += out.var_b.double()
+        self.active += out.n_active.double()
+        self.tokens += n_tokens
+
+
+def _check_finite(window: _MetricWindow, out_dir: Path) -> None:
+    bad = int(window.first_bad_step)
+    if bad >= 0:
+        last = checkpoint_dirs(out_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved yet"
+        raise XdiffError(
+            f"training diverged at step {bad + 1} (loss is not finite); {where}",
+            "lower --lr (or check the activation store for inf/NaN), then rerun to resume",
+        )
+
+
+def train(
+    source,
+    cc_config: CrosscoderConfig,
+    train_config: TrainConfig,
+    out_dir: Path,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a crosscoder on `source`, resuming from the newest checkpoint in `out_dir`."""
+    from xdiff_cli.atomic import write_json
+
+    tc = train_config.validate()
+    cc = dataclasses.replace(cc_config, scale_a=float(source.scale_a), scale_b=float(source.scale_b)).validate()
+    if (source.d_a, source.d_b) != (cc.d_a, cc.d_b):
+        raise XdiffError(f"store widths ({source.d_a}, {source.d_b}) differ from the crosscoder's ({cc.d_a}, {cc.d_b})")
+    if cc.k > cc.dict_size:
+        raise XdiffError(f"--k ({cc.k}) cannot exceed the dictionary size ({cc.dict_size})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(tc.device)
+    trainer = Trainer(source, cc, tc, device)
+    resumed_from = None
+    existing = checkpoint_dirs(out_dir)
+    if existing:
+        trainer.load_checkpoint(existing[-1])
+        resumed_from = trainer.step
+    metrics_path = out_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, trainer.step)
+    window = _MetricWindow(device)
+    last: dict[str, float] = {}
+    started = time.perf_counter()
+
+    with _progress_bar(progress, tc.steps, trainer.step) as bar:
+        while trainer.step < tc.steps:
+            out = trainer.train_step()
+            window.add(out, trainer.step - 1, tc.batch_size)
+            step = trainer.step
+            at_log = step % tc.log_every == 0 or step == tc.steps
+            at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
+            if at_log or at_ckpt:
+                _check_finite(window, out_dir)
+            if at_log:
+                last = _log_line(trainer, window, step, time.perf_counter() - started)
+                with open(metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(last) + "\n")
+                window.reset()
+                bar.update(last)
+            if at_ckpt:
+                _save_and_prune(trainer, out_dir)
+            bar.advance()
+
+    final_dir = out_dir / "final"
+    trainer.model.save(final_dir)
+    write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
+    return TrainResult(
+        out_dir=out_dir,
+        final_dir=final_dir,
+        steps=trainer.step,
+        fve_a=last.get("fve_a", float("nan")),
+        fve_b=last.get("fve_b", float("nan")),
+        l0=last.get("l0", float("nan")),
+        dead_fraction=last.get("dead_fraction", float("nan")),
+        resumed_from=resumed_from,
+    )
+
+
+def _log_line(trainer: Trainer, window: _MetricWindow, step: int, elapsed: float) -> dict[str, float]:
+    n_steps = max(1, window.tokens // trainer.tc.batch_size)
+    return {
+        "step": step,
+        "loss": float(window.loss) / n_steps,
+        "aux_loss": float(window.aux) / n_steps,
+        "fve_a": 1.0 - float(window.err_a) / max(float(window.var_a), 1e-12),
+        "fve_b": 1.0 - float(window.err_b) / max(float(window.var_b), 1e-12),
+        "l0": float(window.active) / max(window.tokens, 1),
+        "dead_fraction": float(trainer.dead_mask().float().mean()),
+        "k": k_at(step - 1, trainer.cc, trainer.tc),
+        "lr": lr_at(step - 1, trainer.tc),
+        "threshold": float(trainer.model.threshold),
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be rewritten)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _save_and_prune(trainer: Trainer, out_dir: Path) -> None:
+    trainer.save_checkpoint(out_dir / "checkpoints" / f"step-{trainer.step:07d}")
+    for old in checkpoint_dirs(out_dir)[: -trainer.tc.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _progress_bar:
+    """`console.stage_progress` with the training fields, or a no-op when disabled."""
+
+    FIELDS = "loss {task.fields[loss]:.4g} fve {task.fields[fve_a]:.3f}/{task.fields[fve_b]:.3f} L0 {task.fields[l0]:.0f} dead {task.fields[dead]:.1%}"
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.enabled, self.total, self.start = enabled, total, start
+
+    def __enter__(self) -> _progress_bar:
+        if self.enabled:
+            from xdiff_cli.console import stage_progress
+
+            self.progress = stage_progress("step", show_fields=self.FIELDS)
+            self.progress.__enter__()
+            self.task = self.progress.add_task(
+                "train", total=self.total, completed=self.start, loss=float("nan"), fve_a=0.0, fve_b=0.0, l0=0.0, dead=0.0
+            )
+        return self
+
+    def update(self, line: dict[str, float]) -> None:
+        if self.enabled:
+            self.progress.update(
+                self.task,
+                loss=line["loss"],
+                fve_a=line["fve_a"],
+                fve_b=line["fve_b"],
+                l0=line["l0"],
+                dead=line["dead_fraction"],
+            )
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.progress.advance(self.task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline stage
+# ---------------------------------------------------------------------------------------
+
+
+def configs_from_settings(settings, d_a: int, d_b: int) -> tuple[CrosscoderConfig, TrainConfig]:  # noqa: ANN001
+    """CrosscoderConfig and TrainConfig from a run's `RunSettings`."""
+    dict_size = settings.dict_size if settings.dict_size is not None else 32 * (d_a + d_b) // 2
+    cc = CrosscoderConfig(
+        d_a=d_a, d_b=d_b, dict_size=dict_size, k=settings.k, exclusive_frac=settings.exclusive_frac, arch=settings.arch
+    )
+    tc = TrainConfig(
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed,
+        device=settings.device,
+        checkpoint_every=max(1, min(1000, settings.steps // 10)),
+        log_every=max(1, min(50, settings.steps // 20)),
+    )
+    return cc, tc
+
+
+def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdiff_cli.runs.Run
+    """The `train` stage of a run: reads `run.store_dir`, writes `run.crosscoder_dir`.
+
+    Returns at once when `final/` exists; resumes from the newest checkpoint otherwise.
+    Records final metrics in run.json; marking the stage done is the caller's job."""
+    out_dir = Path(run.crosscoder_dir)
+    final_dir = out_dir / "final"
+    if (final_dir / "model.safetensors").is_file() and (final_dir / "config.json").is_file():
+        m = run.record.get("metrics", {})
+        return TrainResult(
+            out_dir,
+            final_dir,
+            steps=run.settings.steps,
+            fve_a=m.get("fve_a", float("nan")),
+            fve_b=m.get("fve_b", float("nan")),
+            l0=m.get("l0", float("nan")),
+            dead_fraction=m.get("dead_fraction", float("nan")),
+        )
+    from xdiff_cli.store import ActivationStore
+
+    if not Path(run.store_dir).exists():
+        raise XdiffError(f"run {run.id} has no activation store yet", "run `xdiff harvest` first")
+    source = ActivationStore.open(run.store_dir).split("train")
+    cc, tc = configs_from_settings(run.settings, source.d_a, source.d_b)
+    result = train(source, cc, tc, out_dir, progress=progress)
+    run.set_metrics(
+        fve_a=result.fve_a, fve_b=result.fve_b, l0=result.l0, dead_fraction=result.dead_fraction
+    )
+    return result
