@@ -86,7 +86,7 @@ def _feature_row(feature_id: int, rng: random.Random) -> dict:
         "dec_cos": None,
         "n_distinct_tokens": 0 if dead else (1 if feature_id == ARTIFACT_FEATURE else rng.randrange(2, 40)),
         "top_token": None if dead else CONCEPTS[feature_id],
-        "top_token_share": 0.0 if dead else round(rng.uniform(0.3, 1.0), 3),
+        "top_token_share": 0.0 if dead else (1.0 if feature_id == ARTIFACT_FEATURE else round(rng.uniform(0.3, 1.0), 3)),
         "token_artifact": int(feature_id == ARTIFACT_FEATURE),
         "candidate": int(partition != "shared" or rel_norm < 0.2 or rel_norm > 0.8),
         "score": 0.0 if dead else round((3.0 if partition != "shared" else 1.0) * max_act * (n_fires / 2000), 4),

@@ -13,8 +13,9 @@ from xdiff_cli.runs import Run
 
 def no_runs_message() -> tuple[str, str]:
     return (
-        "No runs yet",
-        "No runs yet — create one with `xdiff run MODEL_A MODEL_B` (or `xdiff run --preset tiny`),\n"
+        "Nothing to browse",
+        "No runs yet — create one with `xdiff run MODEL_A MODEL_B`\n"
+        "(or `xdiff run --preset tiny` to try it on tiny models),\n"
         "then come back with `xdiff browse`.",
     )
 
@@ -26,7 +27,7 @@ def unanalysed_message(run: Run) -> tuple[str, str]:
     if stage.startswith(("analyze", "done")):
         how = "Finish it with `xdiff analyze` (or rerun `xdiff run`, which resumes)."
     else:
-        how = "`xdiff run` resumes it where it stopped; then `xdiff analyze` if needed."
+        how = "`xdiff run` resumes it where it stopped\n(or run the remaining stages, ending with `xdiff analyze`)."
     return (
         f"Run {run.id} is not analysed yet",
         f"Run {run.id} ({models}) is at stage: {stage}.\n{how}\nPress r to check again.",

@@ -2,38 +2,54 @@
 
 from __future__ import annotations
 
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Markdown
+from textual.widgets import Static
 
-HELP = """\
-# xdiff browse
+INTRO = (
+    "Features come from the run's crosscoder: A-exclusive and B-exclusive features can only be "
+    "written by one model, shared ones by both. R = |dA| / (|dA| + |dB|)."
+)
+FEATURE_KEYS = (
+    ("1 2 3 4", "A-exclusive · B-exclusive · shared · all"),
+    ("/", "search the examples (filters as you type)"),
+    ("o", "cycle the sort (rank, id, freq, s_max, R); or click a header"),
+    ("v", "show a shared feature's examples in A's or B's tokens"),
+    ("s", "steer the selected feature in a chat"),
+    ("r", "switch run"),
+    ("ctrl+p", "command palette (go to feature N, switch run, …)"),
+    ("q", "quit"),
+)
+STEER_KEYS = (
+    ("enter", "generate the unsteered and the steered answer side by side"),
+    ("↑ ↓", "change the scale α by 1 in the α box (+ and - elsewhere)"),
+    ("esc", "stop generating; again to go back"),
+)
+STEER_NOTE = (
+    "The steered model adds α · s_max · d to its residual stream at the crosscoder's layer, "
+    "at every position: α = 1 is the feature's strongest natural activation."
+)
 
-Features come from the run's crosscoder: **A-exclusive** and **B-exclusive** features can
-only be written by one model; **shared** ones by both. R = |dA| / (|dA| + |dB|).
 
-| key | in the feature list |
-|---|---|
-| `1` `2` `3` `4` | A-exclusive · B-exclusive · shared · all |
-| `/` | search the examples (filters as you type) |
-| `o` | cycle the sort (rank, id, freq, s_max, R); or click a header |
-| `v` | show a shared feature's examples in A's or B's tokens |
-| `s` | steer the selected feature in a chat |
-| `r` | switch run |
-| `ctrl+p` | command palette (go to feature, switch run, …) |
-| `q` | quit |
+def help_renderable() -> Group:
+    def keys(title: str, rows: tuple[tuple[str, str], ...]) -> Table:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold orange1", min_width=8)
+        table.add_column()
+        table.add_row(Text(title, style="bold"), "")
+        for key, what in rows:
+            table.add_row(key, what)
+        return table
 
-| key | in the steering chat |
-|---|---|
-| `enter` | generate unsteered and steered answers side by side |
-| `+` `-` | change the scale α by 1 (or ↑ ↓ in the scale box) |
-| `esc` | stop generating; again to go back |
-
-The steered model adds α · s_max · d to its residual stream at the crosscoder's layer, at
-every position: α = 1 is the feature's strongest natural activation.
-"""
+    return Group(
+        Text("xdiff browse", style="bold"), Text(INTRO), Text(""), keys("feature list", FEATURE_KEYS), Text(""),
+        keys("steering chat", STEER_KEYS), Text(""), Text(STEER_NOTE, style="dim"),
+    )
 
 
 class HelpScreen(ModalScreen):
@@ -45,7 +61,7 @@ class HelpScreen(ModalScreen):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-box"):
-            yield Markdown(HELP)
+            yield Static(help_renderable(), id="help-text")
 
     def action_dismiss(self) -> None:  # type: ignore[override]
         self.dismiss()

@@ -37,7 +37,8 @@ def stats_table(feature: Feature) -> Table:
     if feature.dec_cos is not None:
         table.add_row("cos(dA, dB)", f"{feature.dec_cos:.3f}")
     top = f" (top {feature.top_token!r} {feature.top_token_share:.0%})" if feature.top_token else ""
-    table.add_row("breadth", f"{feature.n_distinct_tokens} token types{top}")
+    types = "token type" if feature.n_distinct_tokens == 1 else "token types"
+    table.add_row("breadth", f"{feature.n_distinct_tokens} {types}{top}")
     flags = feature_flags(feature)
     if flags:
         table.add_row("flags", {"dead": "dead: never fires", "tok": "token artifact", "cand": "candidate"}[flags])
