@@ -270,3 +270,18 @@ def test_layer_comes_from_the_store_manifest_then_run_record_then_middle(
     steerer = Steerer(run)
     assert steerer.layer("a") == 3
     assert steerer.layer("b") == 2  # tiny Qwen3 has 4 layers: the middle one
+
+
+def test_tokenizer_without_chat_template_falls_back_to_raw_with_a_note(steerer: Steerer) -> None:
+    tokenizer = steerer.load("a").tokenizer
+    template = tokenizer.chat_template
+    chat_ids, chat_notes = encode_prompt(tokenizer, PROMPT, raw=False)
+    raw_ids, _ = encode_prompt(tokenizer, PROMPT, raw=True)
+    try:
+        tokenizer.chat_template = None
+        ids, notes = encode_prompt(tokenizer, PROMPT, raw=False)
+    finally:
+        tokenizer.chat_template = template
+    assert chat_notes == [] and chat_ids != raw_ids
+    assert ids == raw_ids
+    assert notes == ["this model's tokenizer has no chat template; the prompt is used as raw text"]
