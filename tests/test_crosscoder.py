@@ -7,7 +7,7 @@ import torch
 
 from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.training import InMemorySource, Trainer, TrainConfig, aux_k_losses
+from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, aux_k_losses
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,7 @@ def test_sparse_decode_matches_dense_decode_values_and_gradients() -> None:
     sparse_out = sum(x.pow(2).sum() for x in model.decode_sparse(sparse_f))
     assert torch.allclose(dense_out, sparse_out, rtol=1e-5)
     params = [model.W_enc_AF, model.W_dec_FA, model.W_dec_FB, model.b_enc_F]
-    for g_dense, g_sparse in zip(torch.autograd.grad(dense_out, params, retain_graph=True), torch.autograd.grad(sparse_out, params)):
+    for g_dense, g_sparse in zip(torch.autograd.grad(dense_out, params, retain_graph=True), torch.autograd.grad(sparse_out, params), strict=True):
         assert torch.allclose(g_dense, g_sparse, atol=1e-5)
 
 
@@ -153,7 +153,7 @@ def test_save_load_round_trips_weights_partition_threshold_and_scales(tmp_path) 
     loaded = Crosscoder.load(tmp_path / "cc")
     assert loaded.cfg == cfg
     assert loaded.partition_labels() == model.partition_labels()
-    for (name, t), (_, u) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, t), (_, u) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(t, u), name
     for name, weights in loaded.forbidden_weights().items():
         assert torch.count_nonzero(weights) == 0, name
