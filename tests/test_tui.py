@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.style import Style
 from textual.widgets import DataTable, Input, Static, Tabs
+from tui_fixtures import ARTIFACT_FEATURE, CONCEPTS, N_EXCLUSIVE, make_analysed_run, make_run
 
-from tests.tui_fixtures import ARTIFACT_FEATURE, CONCEPTS, N_EXCLUSIVE, make_analysed_run, make_run
 from xdiff_cli.tui.app import XdiffApp
 from xdiff_cli.tui.screens.empty_state import EmptyStateScreen
 from xdiff_cli.tui.screens.features import FeaturesScreen
@@ -191,7 +191,7 @@ async def test_unanalysed_run_says_its_stage_and_rechecks_when_it_finishes():
         message = static_text(app.screen, "#empty-message")
         assert "train (running)" in message and "xdiff run" in message
         # the pipeline finishes while the screen is open; `r` picks it up
-        from tests.tui_fixtures import write_analysis
+        from tui_fixtures import write_analysis
 
         write_analysis(run.analysis_path)
         run.mark_stage("train", "done")
@@ -277,7 +277,7 @@ async def _wait_until_done(pilot, screen, timeout_s: float = 60.0) -> None:  # n
 
 
 def _steerable_run(tiny_models, tmp_path):  # noqa: ANN001, ANN202
-    from tests.steer_fixtures import make_steerable_run
+    from steer_fixtures import make_steerable_run
 
     run = make_steerable_run(tiny_models, tmp_path)
     for stage in ("pull", "harvest", "train", "analyze"):
@@ -338,3 +338,22 @@ async def test_escape_stops_generation_then_leaves_the_chat(tiny_models, tmp_pat
         await pilot.press("escape")  # not generating: Esc goes back to the features
         await pilot.pause()
         assert isinstance(app.screen, FeaturesScreen)
+
+
+async def test_plus_minus_keys_change_the_scale_and_the_steered_title():
+    from xdiff_cli.tui.widgets.stream_pane import StreamPane
+
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 3)
+        screen.query_one("#pane-steered", StreamPane).focus()
+        await pilot.press("plus")
+        assert screen.scale_input.value == "+5"
+        await pilot.press("minus", "minus", "minus")
+        await pilot.pause()
+        assert screen.scale_input.value == "+2"
+        assert screen.query_one("#pane-steered", StreamPane).border_title == "steered (feature 3 × +2)"
+        await pilot.press("ctrl+r")  # no prompt yet: says so instead of generating
+        assert not screen.generating
+        assert "Type a prompt first" in static_text(screen, "#steer-status")

@@ -8,8 +8,8 @@ has a fixed name, date and feature set, so nothing on screen changes between run
 from __future__ import annotations
 
 import pytest
+from tui_fixtures import ARTIFACT_FEATURE, make_analysed_run, make_run
 
-from tests.tui_fixtures import ARTIFACT_FEATURE, make_analysed_run, make_run
 from xdiff_cli.tui.app import XdiffApp
 
 SMALL = (80, 24)

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.tui_fixtures import make_analysed_run
+from tui_fixtures import make_analysed_run
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 SOCKET = f"xdiff-test-{os.getpid()}"  # a private tmux server: never touches the user's sessions

@@ -69,10 +69,7 @@ class SteerScreen(Screen):
 
     def _heading(self) -> str:
         f = self.feature
-        return (
-            f"Steering feature {f.id} ({describe_partition(f)}, s_max {f.max_activation:.2f}): "
-            f"α = 1 adds its strongest natural activation"
-        )
+        return f"Feature {f.id} · {describe_partition(f)} · s_max {f.max_activation:.2f} · α = 1 is its natural maximum"
 
     def _steered_title(self, scale: float) -> str:
         return f"steered (feature {self.feature.id} × {format_scale(scale)})"

@@ -7,6 +7,14 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 
+def printable(text: str) -> str:
+    """Model output with control characters shown as their Unicode pictures (␝), not sent raw."""
+    return "".join(
+        chr(0x2400 + ord(ch)) if ord(ch) < 0x20 and ch not in "\n\t" else ("␡" if ch == "\x7f" else ch)
+        for ch in text
+    )
+
+
 class StreamPane(VerticalScroll):
     """A bordered pane whose body grows token by token (`append`), scrolled to the end."""
 
@@ -26,9 +34,9 @@ class StreamPane(VerticalScroll):
 
     def append(self, piece: str) -> None:
         self.text += piece
-        self.query_one(".stream-body", Static).update(self.text)
+        self.query_one(".stream-body", Static).update(printable(self.text))
         self.scroll_end(animate=False)
 
     def set_text(self, text: str) -> None:
         self.text = text
-        self.query_one(".stream-body", Static).update(text)
+        self.query_one(".stream-body", Static).update(printable(text))
