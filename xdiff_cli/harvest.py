@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,46 +394,54 @@ def harvest(
     torch_dtype = getattr(torch, dtype)
     pending = _PendingShard()
     totals = dict(manifest["stats"])
+    # Shards are written by one background thread (safetensors + fsync release the GIL), so
+    # disk writes overlap the next forward passes; at most one write is in flight, in order.
+    writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xdiff-shard-writer")
+    in_flight: list[Future] = []
 
     def flush(next_doc_index: int) -> None:
         nonlocal pending
-        writer.write_shard(
-            _to_shard(pending.documents, torch_dtype),
-            [(d.doc_id, d.text) for d in pending.documents],
-            next_doc_index,
-            pending.stats,
-        )
+        shard = _to_shard(pending.documents, torch_dtype)
+        documents_text = [(d.doc_id, d.text) for d in pending.documents]
+        for future in in_flight:
+            future.result()
+        in_flight[:] = [writer_thread.submit(writer.write_shard, shard, documents_text, next_doc_index, pending.stats)]
         pending = _PendingShard()
 
-    with _Progress(progress and done < tokens, total=tokens, completed=done) as bar:
-        for batch in _batched(stream if done < tokens else (), batch_size):
-            result = harvest_batch(
-                model_a, model_b, batch, layer_a=layer_a, layer_b=layer_b, context_length=context_length
-            )
-            by_id = {d.doc_id: d for d in result.documents}
-            for doc, stats in zip(batch, result.stats, strict=True):
-                pairs = by_id.get(doc.doc_id)
-                room = tokens - done - pending.n_tokens
-                if pairs is not None and len(pairs.pairs) > room:
-                    pairs = _trim(pairs, room)
-                pending.add_stats(**stats)
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0) + value
-                if pairs is not None:
-                    pending.documents.append(pairs)
-                    pending.n_tokens += len(pairs.pairs)
-                    bar.advance(len(pairs.pairs), _aligned_fraction(totals))
-                reached = done + pending.n_tokens >= tokens
-                if pending.n_tokens >= shard_tokens or (reached and pending.n_tokens):
-                    done += pending.n_tokens
-                    flush(doc.doc_id + 1)
-                if reached:
+    try:
+        with _Progress(progress and done < tokens, total=tokens, completed=done) as bar:
+            for batch in _batched(stream if done < tokens else (), batch_size):
+                result = harvest_batch(
+                    model_a, model_b, batch, layer_a=layer_a, layer_b=layer_b, context_length=context_length
+                )
+                by_id = {d.doc_id: d for d in result.documents}
+                for doc, stats in zip(batch, result.stats, strict=True):
+                    pairs = by_id.get(doc.doc_id)
+                    room = tokens - done - pending.n_tokens
+                    if pairs is not None and len(pairs.pairs) > room:
+                        pairs = _trim(pairs, room)
+                    pending.add_stats(**stats)
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0) + value
+                    if pairs is not None:
+                        pending.documents.append(pairs)
+                        pending.n_tokens += len(pairs.pairs)
+                        bar.advance(len(pairs.pairs), _aligned_fraction(totals))
+                    reached = done + pending.n_tokens >= tokens
+                    if pending.n_tokens >= shard_tokens or (reached and pending.n_tokens):
+                        done += pending.n_tokens
+                        flush(doc.doc_id + 1)
+                    if reached:
+                        break
+                if done >= tokens:
                     break
-            if done >= tokens:
-                break
-        if pending.n_tokens:  # the corpus ran out before the target
-            done += pending.n_tokens
-            flush(batch[-1].doc_id + 1)
+            if pending.n_tokens:  # the corpus ran out before the target
+                done += pending.n_tokens
+                flush(batch[-1].doc_id + 1)
+            for future in in_flight:
+                future.result()
+    finally:
+        writer_thread.shutdown(wait=True)
     if done < tokens and progress:
         from xdiff_cli.console import err_console
 
