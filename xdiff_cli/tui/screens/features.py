@@ -73,6 +73,9 @@ class FeaturesScreen(Screen):
         self.refresh_features()
         self.query_one(FeatureTable).focus()
 
+    def on_unmount(self) -> None:
+        self.index.close()
+
     # --- the list ------------------------------------------------------------------
     @property
     def table(self) -> FeatureTable:
