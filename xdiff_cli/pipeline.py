@@ -549,9 +549,23 @@ def execute(run: Run, ctx: StageContext, on_stage: Any = None) -> list[str]:
     return ran
 
 
+def stage_artifacts(run: Run) -> dict[str, list[Path]]:
+    """What each stage writes in the run directory (pull writes only into the model cache)."""
+    return {"pull": [], "harvest": [run.store_dir], "train": [run.crosscoder_dir], "analyze": [run.analysis_path]}
+
+
 def restart_from(run: Run, stage: str) -> None:
+    """Forget `stage` and every later one, artifacts included: the stages skip finished work
+    (a trained `final/`, a valid analysis) so only deleting it makes them redo it."""
     if stage not in STAGES:
         raise XdiffError(f"unknown stage {stage!r} for --restart-from", f"choose one of {', '.join(STAGES)}")
+    artifacts = stage_artifacts(run)
+    for later in STAGES[STAGES.index(stage) :]:
+        for path in artifacts[later]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     run.clear_stages_from(stage)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -13,30 +12,30 @@ _STAGE_CHOICES = "pull, harvest, train or analyze"
 
 
 def run(
-    model_a: Optional[str] = typer.Argument(None, help="Model A: hub id (org/name[@rev]), local dir, or tiny:NAME."),
-    model_b: Optional[str] = typer.Argument(None, help="Model B: hub id (org/name[@rev]), local dir, or tiny:NAME."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Settings (and models) from presets/NAME.toml."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help=help_for("corpus")),
-    tokens: Optional[int] = typer.Option(None, "--tokens", help=help_for("tokens")),
-    layer_a: Optional[int] = typer.Option(None, "--layer-a", help=help_for("layer_a")),
-    layer_b: Optional[int] = typer.Option(None, "--layer-b", help=help_for("layer_b")),
-    context_length: Optional[int] = typer.Option(None, "--context-length", help=help_for("context_length")),
-    dict_size: Optional[int] = typer.Option(None, "--dict-size", help=help_for("dict_size")),
-    k: Optional[int] = typer.Option(None, "--k", help=help_for("k")),
-    exclusive_frac: Optional[float] = typer.Option(None, "--exclusive-frac", help=help_for("exclusive_frac")),
-    arch: Optional[str] = typer.Option(None, "--arch", help=help_for("arch")),
-    steps: Optional[int] = typer.Option(None, "--steps", help=help_for("steps")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=help_for("batch_size")),
-    lr: Optional[float] = typer.Option(None, "--lr", help=help_for("lr")),
-    quant: Optional[str] = typer.Option(None, "--quant", help=help_for("quant")),
-    device: Optional[str] = typer.Option(None, "--device", help=help_for("device")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=help_for("seed")),
+    model_a: str | None = typer.Argument(None, help="Model A: hub id (org/name[@rev]), local dir, or tiny:NAME."),
+    model_b: str | None = typer.Argument(None, help="Model B: hub id (org/name[@rev]), local dir, or tiny:NAME."),
+    preset: str | None = typer.Option(None, "--preset", help="Settings (and models) from presets/NAME.toml."),
+    corpus: str | None = typer.Option(None, "--corpus", help=help_for("corpus")),
+    tokens: int | None = typer.Option(None, "--tokens", help=help_for("tokens")),
+    layer_a: int | None = typer.Option(None, "--layer-a", help=help_for("layer_a")),
+    layer_b: int | None = typer.Option(None, "--layer-b", help=help_for("layer_b")),
+    context_length: int | None = typer.Option(None, "--context-length", help=help_for("context_length")),
+    dict_size: int | None = typer.Option(None, "--dict-size", help=help_for("dict_size")),
+    k: int | None = typer.Option(None, "--k", help=help_for("k")),
+    exclusive_frac: float | None = typer.Option(None, "--exclusive-frac", help=help_for("exclusive_frac")),
+    arch: str | None = typer.Option(None, "--arch", help=help_for("arch")),
+    steps: int | None = typer.Option(None, "--steps", help=help_for("steps")),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=help_for("batch_size")),
+    lr: float | None = typer.Option(None, "--lr", help=help_for("lr")),
+    quant: str | None = typer.Option(None, "--quant", help=help_for("quant")),
+    device: str | None = typer.Option(None, "--device", help=help_for("device")),
+    seed: int | None = typer.Option(None, "--seed", help=help_for("seed")),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=help_for("trust_remote_code")),
     allow_pickle_weights: bool = typer.Option(
         False, "--allow-pickle-weights", help=help_for("allow_pickle_weights")
     ),
-    name: Optional[str] = typer.Option(None, "--name", help="Run id (default: a timestamp). Reusing it resumes."),
-    restart_from: Optional[str] = typer.Option(
+    name: str | None = typer.Option(None, "--name", help="Run id (default: a timestamp). Reusing it resumes."),
+    restart_from: str | None = typer.Option(
         None, "--restart-from", help=f"Redo this stage and every later one ({_STAGE_CHOICES})."
     ),
     new: bool = typer.Option(False, "--new", help="Start a new run even if an identical one exists."),
