@@ -97,7 +97,7 @@ def test_too_little_disk_fails_with_the_estimate(monkeypatch):
     monkeypatch.setattr(pipeline, "free_disk_bytes", lambda path: 1000)
     result = run_cli("--preset", "tiny")
     assert result.exit_code == 1
-    assert "not enough disk" in result.output and "7.9 MB" in result.output
+    assert "not enough disk" in result.output and "5.3 MB" in result.output
     assert list_runs() == []
 
 
@@ -124,8 +124,8 @@ def test_dry_run_plan_shows_models_layers_dictionary_disk_and_time():
     out = result.output
     assert "tiny:llama" in out and "d=64" in out and "tiny:qwen3" in out and "d=48" in out
     assert "25 A-only, 25 B-only, 206 shared" in out
-    assert "30,000 aligned pairs" in out
-    assert "7.9 MB of activations" in out  # 30k x ((64+48) x 2 + 40) bytes
+    assert "20,000 aligned pairs" in out
+    assert "5.3 MB of activations" in out  # 20k x ((64+48) x 2 + 40) bytes
     assert "time (rough)" in out
     assert list_runs() == []  # a dry run creates nothing
 
