@@ -41,6 +41,9 @@ GPU_PROFILE = {"tokens": 2_000_000, "steps": 20_000}
 # Rough sustained throughputs for the time estimates (FLOP/s); estimates, not promises.
 CPU_FLOPS_PER_CORE = 8e9
 GPU_FLOPS = 150e12
+# Fixed costs measured on the tiny preset (2 CPU cores): per harvested token, per train step.
+HARVEST_TOKEN_OVERHEAD_S = {False: 5e-4, True: 5e-5}
+TRAIN_STEP_OVERHEAD_S = {False: 0.05, True: 0.005}
 STORE_BYTES_PER_VALUE = 2  # activations are stored in bf16/fp16
 DISK_HEADROOM = 1.10
 
@@ -265,10 +268,13 @@ class Plan:
         out: dict[str, float | None] = {"pull": None, "harvest": None, "train": None, "analyze": None}
         if self.model_a.n_params and self.model_b.n_params:
             # Forward passes of both models; ~1.5x for tokens lost to alignment and padding.
-            out["harvest"] = 1.5 * 2 * (self.model_a.n_params + self.model_b.n_params) * s.tokens / flops
+            # Plus a per-token cost (tokenising, aligning, writing) that dominates for small models.
+            per_token = HARVEST_TOKEN_OVERHEAD_S[self.hardware.has_gpu]
+            compute = 1.5 * 2 * (self.model_a.n_params + self.model_b.n_params) * s.tokens / flops
+            out["harvest"] = compute + per_token * s.tokens
         if self.dict_size and self.model_a.d_model and self.model_b.d_model:
             width = self.model_a.d_model + self.model_b.d_model
-            step_overhead = 0.002 if not self.hardware.has_gpu else 0.0005
+            step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu]
             out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / flops + step_overhead)
             eval_tokens = s.tokens * s.eval_fraction
             out["analyze"] = 4 * eval_tokens * self.dict_size * width / flops + 5
@@ -470,8 +476,12 @@ def fetch(spec: str, settings: RunSettings, token: str | None) -> tuple[str, Pat
 
 def harvest_stage(run: Run, ctx: StageContext) -> None:
     """Load both models (only now), harvest aligned activations, then free them."""
+    from transformers.utils import logging as hf_logging
+
     from xdiff_cli.harvest import harvest_run
     from xdiff_cli.loading import load_model
+
+    hf_logging.disable_progress_bar()  # the stage shows one bar of its own, not one per weight file
 
     models = run.record.get("models", {})
     if "a" not in models or "b" not in models:
