@@ -702,6 +702,6 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
         index.close()
     run.set_metrics(
         eval_fve_a=summary["eval_fve_a"], eval_fve_b=summary["eval_fve_b"],
-        dead_fraction=summary["dead_fraction"], eval_l0=summary["mean_l0"],
+        eval_dead_fraction=summary["dead_fraction"], eval_l0=summary["mean_l0"],
     )
     return path
