@@ -235,3 +235,15 @@ def test_xdiff_train_without_a_harvest_says_to_harvest_first() -> None:
     out = CliRunner().invoke(app, ["train", "--run", "empty", "--steps", "5"])
     assert out.exit_code == 1
     assert "xdiff harvest" in out.output
+
+
+def test_resuming_from_the_final_checkpoint_rewrites_final_with_the_logged_metrics(tmp_path) -> None:
+    first = train(_source(), CC, _tc(steps=8), tmp_path, progress=False)
+    import shutil
+
+    shutil.rmtree(first.final_dir)  # as if the process died between the last checkpoint and final/
+    again = train(_source(), CC, _tc(steps=8), tmp_path, progress=False)
+    assert again.resumed_from == 8 and (again.fve_a, again.l0) == (first.fve_a, first.l0)
+    assert Crosscoder.load(again.final_dir).state_dict()["W_dec_FA"].equal(
+        Crosscoder.load(tmp_path / "checkpoints" / "step-0000008").state_dict()["W_dec_FA"]
+    )

@@ -404,7 +404,7 @@ class Trainer:
     @torch.no_grad()
     def _update_running_state(self, out: StepOutput) -> None:
         self.tokens_since_fired_F += self.tc.batch_size
-        self.tokens_since_fired_F[out.fired_F] = 0
+        self.tokens_since_fired_F.masked_fill_(out.fired_F, 0)  # no boolean indexing: no host sync
         # The threshold must describe the final k, so the EMA restarts once annealing ends.
         if self.step == self.tc.anneal():
             self.threshold_ema.zero_()
@@ -573,6 +573,8 @@ def train(
                 _save_and_prune(trainer, out_dir)
             bar.advance()
 
+    if not last:  # resumed from the very last checkpoint: its log line is already written
+        last = _last_logged(metrics_path)
     final_dir = out_dir / "final"
     trainer.model.save(final_dir)
     write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
@@ -605,6 +607,11 @@ def _log_line(trainer: Trainer, window: _MetricWindow, step: int, elapsed: float
     }
 
 
+def _last_logged(path: Path) -> dict[str, float]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be rewritten)."""
     if not path.exists():
@@ -614,7 +621,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _save_and_prune(trainer: Trainer, out_dir: Path) -> None:
-    trainer.save_checkpoint(out_dir / "checkpoints" / f"step-{trainer.step:07d}")
+    import errno
+
+    from xdiff_cli.atomic import disk_full_error
+
+    target = out_dir / "checkpoints" / f"step-{trainer.step:07d}"
+    try:
+        trainer.save_checkpoint(target)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full_error(target) from exc
+        raise
     for old in checkpoint_dirs(out_dir)[: -trainer.tc.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
 
