@@ -18,7 +18,7 @@ import time
 import torch
 
 from xdiff_cli.crosscoder import CrosscoderConfig
-from xdiff_cli.training import InMemorySource, Trainer, TrainConfig, resolve_device
+from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, resolve_device
 
 
 def time_steps(trainer: Trainer, n_warmup: int, n_steps: int, device: torch.device) -> float:
