@@ -25,8 +25,7 @@ def train(
 ) -> None:
     """Train the run's crosscoder on its harvested activations (resumes from the last checkpoint).
 
-    Options given here replace the run's recorded settings; if they differ from those an
-    existing crosscoder was trained with, it is trained again from scratch.
+    Options given here replace the run's recorded settings; if they change an already trained crosscoder's settings, it is trained again from scratch.
     """
     import shutil
 
