@@ -141,8 +141,10 @@ class ShuffledBatches:
             # from the mean shard size, so it depends on the position only) cannot fill a batch.
             if rows >= self.buffer_tokens and (len(order) - i) * mean_shard >= self.batch_size:
                 break
-        acts_a = torch.cat(parts_a).to(self.device, torch.float32) * self.source.scale_a
-        acts_b = torch.cat(parts_b).to(self.device, torch.float32) * self.source.scale_b
+        # The buffer stays in the store's dtype (bf16/fp16: half the memory); batches are
+        # converted to float32 and normalised when they are cut.
+        acts_a = torch.cat(parts_a).to(self.device)
+        acts_b = torch.cat(parts_b).to(self.device)
         perm = np.random.default_rng([self.seed, pos.epoch, pos.shard_pos]).permutation(acts_a.shape[0])
         perm_t = torch.from_numpy(perm).to(self.device)
         self._buffer = (acts_a[perm_t], acts_b[perm_t])
@@ -163,7 +165,7 @@ class ShuffledBatches:
             return self.next()
         self.position = dataclasses.replace(self.position, batch_in_buffer=self.position.batch_in_buffer + 1)
         rows = slice(start, start + self.batch_size)
-        return buf_a[rows], buf_b[rows]
+        return buf_a[rows].float() * self.source.scale_a, buf_b[rows].float() * self.source.scale_b
 
     def seek(self, position: DataPosition) -> None:
         self.position = position
