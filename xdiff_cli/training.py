@@ -32,9 +32,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -197,7 +196,6 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     buffer_tokens: int = 262_144
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
