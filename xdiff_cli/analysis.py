@@ -389,27 +389,28 @@ def _doc_bounds(doc_id_N: torch.Tensor) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def _window_activations(crosscoder, split: EvalSplit, shard: Shard, wanted: list[_Wanted], windows, device):  # noqa: ANN001
-    """Activation of each wanted feature at every row of its example window: list of lists."""
+    """Activation of each wanted feature at every row of its example window (rounded, as lists)."""
     scores_F = sum(crosscoder.decoder_norms())
     threshold = float(crosscoder.threshold)
     out: list[list[float]] = []
     chunk = 2048
     for lo in range(0, len(wanted), chunk):
         part = wanted[lo : lo + chunk]
-        part_windows = windows[lo : lo + chunk]
-        width = max(hi - first for first, hi in part_windows)
-        rows = torch.tensor([[min(first + j, hi - 1) for j in range(width)] for first, hi in part_windows])
+        first_n = torch.tensor([first for first, _ in windows[lo : lo + chunk]])
+        last_n = torch.tensor([hi - 1 for _, hi in windows[lo : lo + chunk]])
+        width = int((last_n - first_n).max()) + 1
+        rows_NW = torch.minimum(first_n[:, None] + torch.arange(width)[None, :], last_n[:, None])
         feats = torch.tensor([w.feature for w in part], device=device)
-        x_a = shard.acts_a[rows].to(device=device, dtype=torch.float32) * float(split.scale_a)  # [n, W, A]
-        x_b = shard.acts_b[rows].to(device=device, dtype=torch.float32) * float(split.scale_b)
+        x_a = shard.acts_a[rows_NW].to(device=device, dtype=torch.float32) * float(split.scale_a)  # [n, W, A]
+        x_b = shard.acts_b[rows_NW].to(device=device, dtype=torch.float32) * float(split.scale_b)
         pre = (
             torch.einsum("nwa,an->nw", x_a, crosscoder.W_enc_AF[:, feats])
             + torch.einsum("nwb,bn->nw", x_b, crosscoder.W_enc_BF[:, feats])
             + crosscoder.b_enc_F[feats][:, None]
         ).relu()
         acts = pre * (pre * scores_F[feats][:, None] > threshold)
-        for i, (first, hi) in enumerate(part_windows):
-            out.append(acts[i, : hi - first].tolist())
+        lengths = (last_n - first_n + 1).tolist()
+        out.extend(row[:n] for row, n in zip((acts * 1e4).round().div(1e4).tolist(), lengths, strict=True))
     return out
 
 
@@ -445,13 +446,14 @@ def _example_rows(
         for w, (first, hi), window_acts in zip(wanted, windows, acts, strict=True):
             text = docs.text(doc_ids[w.row])
             views = ("a", "b") if partitions[w.feature] == "shared" else (partitions[w.feature],)
+            lo_char = min(starts_a[first], starts_b[first])
+            hi_char = ends[hi - 1]
+            window_ends = [e - lo_char for e in ends[first:hi]]
             for view in views:
                 starts = starts_a if view == "a" else starts_b
-                lo_char = min(starts[first], starts_a[first], starts_b[first])
-                hi_char = ends[hi - 1]
                 token_acts = [
-                    [starts[r] - lo_char, ends[r] - lo_char, round(a, 4)]
-                    for r, a in zip(range(first, hi), window_acts, strict=True)
+                    [s - lo_char, e, a]
+                    for s, e, a in zip(starts[first:hi], window_ends, window_acts, strict=True)
                 ]
                 rows.append(
                     {
