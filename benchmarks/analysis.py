@@ -18,23 +18,13 @@ import argparse
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from xdiff_cli.analysis import AnalysisConfig, analyze
 from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-
-
-@dataclass
-class Shard:
-    acts_a: torch.Tensor
-    acts_b: torch.Tensor
-    doc_id: torch.Tensor
-    start_a: torch.Tensor
-    start_b: torch.Tensor
-    end: torch.Tensor
+from xdiff_cli.store import Shard
 
 
 class SyntheticSplit:

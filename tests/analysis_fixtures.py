@@ -7,11 +7,11 @@ by hand. Shared by the analysis, `xdiff features` and `xdiff report` tests.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 
 from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.store import Shard
 
 ANIMALS = ("cat", "dog", "horse", "tiger", "rabbit", "eagle")
 COLORS = ("red", "blue", "green")
@@ -20,16 +20,6 @@ D_A, D_B = 6, 4
 # Concept dimensions: B dim 0 = animal (B only); A dim 1 + B dim 1 = colour (both);
 # A dim 2 = the year "1989" (one A token, split in B); A dim 3 = "the".
 SPLIT_WORD = "1989"
-
-
-@dataclass
-class FakeShard:
-    acts_a: torch.Tensor
-    acts_b: torch.Tensor
-    doc_id: torch.Tensor
-    start_a: torch.Tensor
-    start_b: torch.Tensor
-    end: torch.Tensor
 
 
 class FakeStore:
@@ -41,7 +31,7 @@ class FakeStore:
     def __init__(self, n_docs: int = 40, docs_per_shard: int = 15, seed: int = 0) -> None:
         rng = random.Random(seed)
         self.texts: list[str] = []
-        self.shards: list[FakeShard] = []
+        self.shards: list[Shard] = []
         rows: list[tuple] = []
         for doc_id in range(n_docs):
             words = [rng.choice(FILLER + ANIMALS + COLORS + (SPLIT_WORD,)) for _ in range(rng.randint(8, 20))]
@@ -71,8 +61,8 @@ class FakeStore:
                 rows = []
 
     @staticmethod
-    def _shard(rows: list[tuple]) -> FakeShard:
-        return FakeShard(
+    def _shard(rows: list[tuple]) -> Shard:
+        return Shard(
             acts_a=torch.stack([r[1] for r in rows]).to(torch.bfloat16).float(),
             acts_b=torch.stack([r[2] for r in rows]).to(torch.bfloat16).float(),
             doc_id=torch.tensor([r[0] for r in rows]),
@@ -89,7 +79,7 @@ class FakeStore:
     def n_tokens(self) -> int:
         return sum(len(s.doc_id) for s in self.shards)
 
-    def load_shard(self, index: int) -> FakeShard:
+    def load_shard(self, index: int) -> Shard:
         return self.shards[index]
 
     def document_text(self, doc_id: int) -> str:

@@ -25,6 +25,17 @@ def xdiff_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture
+def one_torch_thread():
+    """For tests of tiny tensors: one thread beats two threads fighting over a busy CI box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{'llama': dir, 'qwen3': dir, 'gptoss': dir} — saved tiny models with planted concepts."""

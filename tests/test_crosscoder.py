@@ -9,14 +9,7 @@ from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, aux_k_losses
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_source(n: int = 2048, d_a: int = 12, d_b: int = 20, seed: int = 0) -> InMemorySource:

@@ -10,13 +10,7 @@ from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
 from xdiff_cli.toy import ToyConfig, ToyWorld, score_recovery, toy_source
 from xdiff_cli.training import TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_world_has_disjoint_exclusive_sets_and_rescaled_b_concepts() -> None:

@@ -22,14 +22,7 @@ from xdiff_cli.training import (
     train,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _source(n: int = 3000, d_a: int = 10, d_b: int = 14, shard_size: int = 256, seed: int = 0) -> InMemorySource:
