@@ -150,6 +150,11 @@ def load_model(
     """Load model + tokenizer from a local directory, ready for inference."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # xdiff reports loading itself; transformers' per-weight bar would garble the TUI and
+    # interleave with our progress displays.
+    hf_logging.disable_progress_bar()
 
     path = Path(path)
     info = inspect_model_dir(path, trust_remote_code=trust_remote_code)

@@ -137,6 +137,10 @@ def resolve_settings(
                 f"({', '.join(f'{k}={profile[k]}' for k in overridden)}); options override them"
             )
     settings = settings.updated(**options).validate()
+    # A GPU asked for but absent is a user error now, before any planning touches CUDA.
+    from xdiff_cli.loading import resolve_device
+
+    resolve_device(settings.device)
     if _same_model(settings.model_a, settings.model_b):
         warnings.append("model A and model B are the same: expect no exclusive features (allowed, e.g. as a control)")
     return ResolvedSettings(settings, preset, notes, warnings)

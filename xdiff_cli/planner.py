@@ -320,6 +320,9 @@ def available_memory(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
+        from xdiff_cli.loading import resolve_device
+
+        device = resolve_device(device)  # a clear error when no CUDA GPU is visible
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         free, _total = torch.cuda.mem_get_info(index)
         return int(free)
