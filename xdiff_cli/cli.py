@@ -96,5 +96,7 @@ def main() -> None:
     try:
         app()
     except XdiffError as exc:
+        if _State.debug:
+            raise
         print_error(exc)
         sys.exit(1)
