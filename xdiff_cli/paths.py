@@ -40,3 +40,9 @@ def cache_root() -> Path:
 def ensure_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files under `path` (0 when it does not exist)."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

@@ -480,12 +480,8 @@ def fetch(spec: str, settings: RunSettings, token: str | None) -> tuple[str, Pat
 
 def harvest_stage(run: Run, ctx: StageContext) -> None:
     """Load both models (only now), harvest aligned activations, then free them."""
-    from transformers.utils import logging as hf_logging
-
     from xdiff_cli.harvest import harvest_run
-    from xdiff_cli.loading import load_model
-
-    hf_logging.disable_progress_bar()  # the stage shows one bar of its own, not one per weight file
+    from xdiff_cli.loading import load_model  # quiet: it turns transformers' weight bars off
 
     models = run.record.get("models", {})
     if "a" not in models or "b" not in models:
@@ -581,11 +577,6 @@ def restart_from(run: Run, stage: str) -> None:
             else:
                 path.unlink(missing_ok=True)
     run.clear_stages_from(stage)
-
-
-def dir_bytes(path: Path) -> int:
-    path = Path(path)
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 # --------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ class Run:
         self.save()
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())
+        return paths.dir_bytes(self.dir)
 
 
 def list_runs() -> list[Run]:

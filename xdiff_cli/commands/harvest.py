@@ -66,34 +66,12 @@ def harvest(
     )
 
 
-def _resolve(spec: str, settings):  # noqa: ANN001, ANN202 - RunSettings -> (path, revision)
-    """Local directory and revision for a model argument (tiny:NAME, local dir, or hub id)."""
-    from pathlib import Path
-
-    from xdiff_cli.errors import XdiffError
-
-    if spec.startswith("tiny:"):
-        from xdiff_cli.pipeline import tiny_model_dir
-
-        return tiny_model_dir(spec), "local"
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        return local, "local"
-    try:
-        from xdiff_cli.hub import fetch_model
-    except ImportError as exc:  # hub support ships separately
-        raise XdiffError(f"{spec!r} is not a local directory and hub downloads are unavailable") from exc
-    fetched = fetch_model(
-        spec, allow_pickle_weights=settings.allow_pickle_weights, trust_remote_code=settings.trust_remote_code
-    )
-    return Path(fetched.path), fetched.revision
-
-
 def _load_models(run):  # noqa: ANN001, ANN202 - Run -> (LoadedModel, LoadedModel)
     """Load both models of a run, recording where they came from (reused when already pulled)."""
     from pathlib import Path
 
     from xdiff_cli.loading import load_model
+    from xdiff_cli.pipeline import fetch
 
     settings = run.settings
     loaded = []
@@ -102,8 +80,11 @@ def _load_models(run):  # noqa: ANN001, ANN202 - Run -> (LoadedModel, LoadedMode
         if info and Path(info.get("path", "")).is_dir():
             path = Path(info["path"])
         else:
-            path, revision = _resolve(spec, settings)
-            info = {"spec": spec, "path": str(path), "revision": revision, "quant": settings.quant, "device": settings.device}
+            _, path, repo_id, revision = fetch(spec, settings, token=None)
+            info = {
+                "spec": spec, "path": str(path), "repo_id": repo_id, "revision": revision,
+                "quant": settings.quant, "device": settings.device,
+            }
         model = load_model(
             path, quant=info.get("quant", settings.quant), device=info.get("device", settings.device),
             dtype=info.get("dtype"), trust_remote_code=settings.trust_remote_code,

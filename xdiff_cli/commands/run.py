@@ -46,7 +46,7 @@ def run(
     Re-running the same command resumes the newest run with identical settings where it
     stopped (Ctrl-C is safe). `xdiff run --preset tiny` needs no network.
     """
-    from xdiff_cli import pipeline
+    from xdiff_cli import paths, pipeline
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.runs import STAGES
@@ -66,7 +66,7 @@ def run(
         console.print(f"[yellow]warning:[/] {warning}")
     plan = pipeline.make_plan(resolved, hardware)
     existing = pipeline.find_run(plan.settings, name=name, new=new)
-    done_store = pipeline.dir_bytes(existing.store_dir) if existing is not None else 0
+    done_store = paths.dir_bytes(existing.store_dir) if existing is not None else 0
     pipeline.check_inputs(plan, done_store_bytes=done_store)
     print_plan(plan)
     if dry_run:
