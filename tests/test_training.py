@@ -192,7 +192,7 @@ def test_train_run_trains_from_the_store_records_metrics_and_then_returns_at_onc
     model = Crosscoder.load(final)
     assert (model.cfg.d_a, model.cfg.d_b, model.cfg.dict_size, model.cfg.k) == (10, 14, 48, 4)
     assert (model.cfg.scale_a, model.cfg.scale_b) == (0.5, 2.0)
-    metrics = Run.load(run.dir).record["metrics"]
+    metrics = Run.load(run.dir).metrics
     assert metrics["l0"] == pytest.approx(4.0, abs=0.1) and 0 < metrics["fve_a"] < 1
     assert set(metrics) >= {"fve_a", "fve_b", "l0", "dead_fraction"}
     before = (final / "model.safetensors").stat().st_mtime_ns
