@@ -194,9 +194,10 @@ def test_non_finite_train_options_are_rejected_before_training():
 # --- #17.2 the run a command picks -----------------------------------------------------------------
 
 
-def test_commands_default_to_the_newest_analysed_run_and_name_it():
+def test_commands_default_to_the_newest_analysed_run_and_name_it(monkeypatch):
     from analysis_fixtures import make_analysed_run
 
+    monkeypatch.setattr("xdiff_cli.commands.common._stderr_is_terminal", lambda: True)
     make_analysed_run("analysed")
     failed = make_run("failed-later")
     failed.record.created = "9999"

@@ -123,7 +123,7 @@ def test_dry_run_plan_shows_models_layers_dictionary_disk_and_time():
     assert result.exit_code == 0, result.output
     out = result.output
     assert "tiny:llama" in out and "d=64" in out and "tiny:qwen3" in out and "d=48" in out
-    assert "25 A-only, 25 B-only, 206 shared" in out
+    assert "26 A-only, 26 B-only, 204 shared" in out  # round(256 x 0.1), as the crosscoder has it
     assert "20,000 aligned pairs" in out
     assert "5.3 MB of activations" in out  # 20k x ((64+48) x 2 + 40) bytes
     assert "time (rough)" in out

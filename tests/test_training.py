@@ -179,6 +179,8 @@ def _harvested_run(name: str = "r1", n_shards: int = 4, per_shard: int = 300, **
         shard = Shard(source.acts_a[rows].to(torch.bfloat16), source.acts_b[rows].to(torch.bfloat16), doc, span, span.clone(), span + 1)
         writer.write_shard(shard, [(i, "x" * (n + 1))], next_doc_index=i + 1, stats={})
     writer.finish(scale_a=0.5, scale_b=2.0, aligned_fraction=1.0, eval_fraction=0.25)
+    for stage in ("pull", "harvest"):  # what `xdiff harvest` leaves
+        run.mark_stage(stage, "done")
     return run
 
 

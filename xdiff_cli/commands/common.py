@@ -8,12 +8,13 @@ RUN_HELP = "Run id (default: the newest run that has what this command needs)."
 
 
 def pick_run(run_id: str | None, needs: str) -> Any:  # -> runs.Run
-    """`--run`'s run, or the newest one with `needs` done, named on stderr (stdout stays
-    clean for --json). A run missing a stage fails naming it and the command that makes it."""
+    """`--run`'s run, or the newest one with `needs` done, named on stderr when a person is
+    watching (stdout stays clean for --json; captured output stays one error line). A run
+    missing a stage fails naming it and the command that makes it."""
     from xdiff_cli.runs import resolve_run
 
     run = resolve_run(run_id, needs=needs)
-    if run_id is None:
+    if run_id is None and _stderr_is_terminal():
         from rich.console import Console
         from rich.markup import escape
 
@@ -22,3 +23,9 @@ def pick_run(run_id: str | None, needs: str) -> Any:  # -> runs.Run
             f"[dim]using run {escape(run.id)} (the newest {what} run; --run picks another)[/]"
         )
     return run
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
