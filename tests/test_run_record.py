@@ -279,3 +279,9 @@ def test_one_home_for_the_default_dictionary_middle_layer_and_config_reading(tmp
     facts = config_facts("local", tmp_path)
     assert (facts.d_model, facts.n_layers, facts.layer(None)) == (2560, 34, 17)
     assert modelconfig.width(modelconfig.read_config(tmp_path)) == 2560
+
+
+def test_a_preset_name_cannot_reach_outside_the_presets_directory(tmp_path):
+    (tmp_path / "outside.toml").write_text('[models]\na = "x"\nb = "y"\n')
+    result = runner.invoke(app, ["run", "--preset", f"../../../../../../..{tmp_path}/outside", "--dry-run"])
+    assert result.exit_code == 1 and "invalid preset name" in result.output

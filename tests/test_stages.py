@@ -19,7 +19,7 @@ from xdiff_cli.runs import Run, load_run
 runner = CliRunner()
 pytestmark = pytest.mark.slow
 
-SMALL = dict(tokens=3000, context_length=64, dict_size=64, k=8, steps=60, batch_size=128, lr=1e-3,
+SMALL = dict(tokens=2000, context_length=64, dict_size=64, k=8, steps=40, batch_size=128, lr=1e-3,
              quant="none", device="cpu")
 HARVEST_KEYS = ("tokens", "context_length", "quant", "device")
 TRAIN_KEYS = ("dict_size", "k", "steps", "batch_size", "lr")

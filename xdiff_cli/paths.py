@@ -8,9 +8,20 @@ cache (`HF_HOME`/`HF_HUB_CACHE`) so downloads are shared with other tools.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 APP_NAME = "xdiff"
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def validate_id(value: str, what: str = "run name") -> str:
+    """A name safe as one path component: letters, digits, '.', '_', '-'; no '/', no '..'."""
+    if not isinstance(value, str) or not ID_RE.match(value) or ".." in value:
+        from xdiff_cli.errors import XdiffError
+
+        raise XdiffError(f"invalid {what} {value!r}", "use letters, digits, '.', '_' and '-' (no '/' or '..')")
+    return value
 
 
 def data_root() -> Path:

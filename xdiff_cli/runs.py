@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import platform
-import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -37,7 +36,6 @@ from xdiff_cli.errors import XdiffError
 from xdiff_cli.settings import RunSettings
 from xdiff_cli.stages import STAGE_NAMES, missing_stage, stage_command
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STATUSES = ("running", "done", "failed", "interrupted")
 
 
@@ -62,11 +60,7 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 
 
-def validate_id(value: str, what: str = "run name") -> str:
-    """A safe single path component: letters, digits, '.', '_', '-'; no '..', no '/'."""
-    if not isinstance(value, str) or not _ID_RE.match(value) or value in (".", "..") or ".." in value:
-        raise XdiffError(f"invalid {what} {value!r}", "use letters, digits, '.', '_' and '-' (no '/' or '..')")
-    return value
+validate_id = paths.validate_id  # one home: xdiff_cli/paths.py
 
 
 def run_dir_for(run_id: str) -> Path:
@@ -353,7 +347,7 @@ def scan_runs() -> list[Run | CorruptRun]:
         return []
     runs: list[Run | CorruptRun] = []
     for run_dir in root.iterdir():
-        if not run_dir.is_dir() or not _ID_RE.match(run_dir.name):
+        if not run_dir.is_dir() or not paths.ID_RE.match(run_dir.name):
             continue
         if not (run_dir / "run.json").exists():
             continue
