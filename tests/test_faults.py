@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +26,13 @@ from xdiff_cli import atomic, pipeline
 from xdiff_cli.cli import app
 from xdiff_cli.crosscoder import Crosscoder
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.integrity import analysis_problem, crosscoder_problem, safetensors_problem, stage_problem, store_problem
+from xdiff_cli.integrity import (
+    analysis_problem,
+    crosscoder_problem,
+    safetensors_problem,
+    stage_problem,
+    store_problem,
+)
 from xdiff_cli.store import ActivationStore, Shard, StoreWriter
 from xdiff_cli.training import checkpoint_dirs, train, train_run
 
@@ -65,7 +71,7 @@ def test_every_atomic_write_records_size_and_checksum(tmp_path):
     with atomic.atomic_path(target) as tmp:
         tmp.write_bytes(b"x" * 1000)
     sums = json.loads((tmp_path / atomic.SUMS_FILE).read_text())
-    assert sums["artifact.bin"]["size"] == 1000 and len(sums["artifact.bin"]["sha256"]) == 64
+    assert sums["artifact.bin"]["size"] == 1000 and len(sums["artifact.bin"]["crc32"]) == 8
     assert atomic.recorded_mismatch(target) is None
     flip_byte(target)
     assert "checksum" in atomic.recorded_mismatch(target)
@@ -141,6 +147,19 @@ def test_resuming_a_store_drops_unlisted_shards_and_temporaries_but_keeps_checks
     assert sorted(p.name for p in shards.iterdir()) == [atomic.SUMS_FILE, "shard-00000.safetensors"]
     assert atomic.recorded_mismatch(tmp_path / "documents.jsonl") is None
     assert atomic.recorded_mismatch(shards / "shard-00000.safetensors") is None
+
+
+def test_a_harvest_killed_before_its_first_manifest_starts_over(tmp_path):
+    store = tmp_path / "store"
+    (store / "shards").mkdir(parents=True)
+    (store / "documents.jsonl").touch()
+    (store / ".manifest.json.a1b2.tmp").write_text('{"format_ver')
+    writer = StoreWriter.open_or_create(store, {"model_a": "a", "model_b": "b"})
+    assert writer.manifest["shards"] == [] and not (store / ".manifest.json.a1b2.tmp").exists()
+    (store / "notes.txt").write_text("someone else's file")
+    (store / "manifest.json").unlink()
+    with pytest.raises(XdiffError, match="holds no activation store manifest"):
+        StoreWriter.open_or_create(store, {"model_a": "a", "model_b": "b"})
 
 
 # --- training: final model and checkpoints ----------------------------------------------------
@@ -326,9 +345,8 @@ def test_temporaries_of_killed_writes_are_removed_on_the_next_run_of_their_stage
 
 @pytest.mark.parametrize("message", ["No space left on device (os error 28)", "File too large (os error 27)"])
 def test_safetensors_disk_full_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, message):
-    from safetensors import SafetensorError
-
     import safetensors.torch
+    from safetensors import SafetensorError
 
     def full(*args, **kwargs):
         raise SafetensorError(f"Error while serializing: IoError({message})")
@@ -389,7 +407,7 @@ def test_small_disk_sizes_are_not_printed_as_zero_gigabytes(tmp_path, monkeypatc
 
     from xdiff_cli import harvest
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: os.statvfs_result((0,) * 10) and type("U", (), {"free": 512})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=512))
     with pytest.raises(XdiffError) as info:
         harvest.check_disk_space(tmp_path, 4_100)
     assert "needs about 4.1 kB" in info.value.message and "only 512 B is free" in info.value.message
@@ -413,3 +431,46 @@ def test_safetensors_header_check_catches_a_cut_file(tmp_path):
     (tmp_path / atomic.SUMS_FILE).unlink()  # no record: the header alone must tell
     truncate(tmp_path / "model.safetensors", 0.99)
     assert "truncated" in safetensors_problem(tmp_path / "model.safetensors")
+
+
+# --- memory bounded by the harvested window, not the line ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_models):
+    from xdiff_cli.loading import load_model
+
+    return tuple(load_model(tiny_models[name], device="cpu") for name in ("llama", "gptoss"))
+
+
+def test_non_finite_activations_stop_the_harvest_with_one_line(tiny_pair, tmp_path, monkeypatch):
+    from xdiff_cli import harvest as harvest_module
+
+    real = harvest_module.layer_activations
+
+    def overflowing(loaded, sequences, layer):
+        hidden = real(loaded, sequences, layer)
+        return hidden if loaded is tiny_pair[0] else hidden.masked_fill(torch.rand_like(hidden) < 0.01, float("inf"))
+
+    monkeypatch.setattr(harvest_module, "layer_activations", overflowing)
+    with pytest.raises(XdiffError, match="model B produced NaN or infinite activations at layer 2"):
+        harvest_module.harvest(*tiny_pair, "builtin:smoke", tmp_path / "store", tokens=300, progress=False)
+
+
+def test_a_huge_line_is_read_tokenized_and_stored_only_up_to_its_window(tiny_pair, tmp_path):
+    from xdiff_cli.corpus import iter_documents
+    from xdiff_cli.harvest import harvest, window_chars
+
+    corpus = tmp_path / "corpus.txt"
+    normal = "the blue cat saw a small red box near the river and then the dog ran home\n"
+    with corpus.open("w") as fh:
+        fh.write(normal * 20)
+        fh.write("the tiger ran " * 200_000 + "\n")  # a 2.8 MB line
+        fh.write(normal * 40)
+    lengths = [len(d.text) for d in iter_documents(str(corpus))]
+    assert max(lengths) <= 1_000_000 and len(lengths) == 61  # read bounded, nothing after it lost
+    store = harvest(*tiny_pair, str(corpus), tmp_path / "store", tokens=1500, context_length=64, batch_size=8, progress=False)
+    texts = [json.loads(line)["text"] for line in (tmp_path / "store" / "documents.jsonl").read_text().splitlines()]
+    assert 20 in [json.loads(line)["doc_id"] for line in (tmp_path / "store" / "documents.jsonl").read_text().splitlines()]
+    assert max(len(t) for t in texts) <= window_chars(64)
+    assert store_problem(store.dir) is None

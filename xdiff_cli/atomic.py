@@ -3,7 +3,7 @@
 Write to a temporary sibling, fsync, then rename over the target (rename is atomic on
 POSIX within one filesystem). A full disk surfaces as an `XdiffError`, never a traceback.
 
-Every file written here also gets its size and SHA-256 recorded in its directory's
+Every file written here also gets its size and CRC-32 recorded in its directory's
 `.xdiff-sums.json`, so a stage declared done can check that its artifacts are still the
 bytes it wrote (`recorded_mismatch`). Temporaries a killed process left behind
 (`.NAME.*.tmp`, SQLite journals, `.step-*.tmp/`) are removed by `clean_temp_files`.
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        digest = file_sha256(tmp)
+        digest = file_checksum(tmp)
         size = tmp.stat().st_size
         os.replace(tmp, target)
         _store_sum(target, size, digest)
@@ -84,7 +84,7 @@ def _read_sums(directory: Path) -> dict[str, Any]:
 def _store_sum(target: Path, size: int, digest: str) -> None:
     with _sums_lock:
         sums = _read_sums(target.parent)
-        sums[target.name] = {"size": size, "sha256": digest}
+        sums[target.name] = {"size": size, "crc32": digest}
         fd, tmp_name = tempfile.mkstemp(prefix=f".{SUMS_FILE}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -95,18 +95,20 @@ def _store_sum(target: Path, size: int, digest: str) -> None:
             raise
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_checksum(path: Path) -> str:
+    """CRC-32 of the file, as 8 hex digits. It guards against truncation and damage, not
+    tampering; CRC-32 runs ~3x faster than SHA-256 here, and shards are hundreds of MB."""
+    crc = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def record_checksum(path: Path) -> None:
     """Record the current size and checksum of a file written in place (an append-only log)."""
     path = Path(path)
-    _store_sum(path, path.stat().st_size, file_sha256(path))
+    _store_sum(path, path.stat().st_size, file_checksum(path))
 
 
 def recorded_mismatch(path: Path) -> str | None:
@@ -124,7 +126,7 @@ def recorded_mismatch(path: Path) -> str | None:
     size = path.stat().st_size
     if size != entry.get("size"):
         return f"{size:,} bytes, {entry.get('size', 0):,} were written"
-    if file_sha256(path) != entry.get("sha256"):
+    if "crc32" in entry and file_checksum(path) != entry["crc32"]:
         return "checksum differs from the one recorded when it was written"
     return None
 

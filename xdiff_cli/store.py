@@ -253,6 +253,24 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+def _only_a_skeleton(directory: Path) -> bool:
+    """True when `directory` holds nothing but what a harvest killed before its first manifest
+    left (empty shards/, empty documents.jsonl, checksums, temporaries): safe to start over."""
+    from xdiff_cli.atomic import SUMS_FILE
+
+    clean_temp_files(directory)
+    for path in directory.iterdir():
+        if path.name == SHARDS_DIR and path.is_dir():
+            if any(p.name != SUMS_FILE for p in path.iterdir()):
+                return False
+        elif path.name == DOCUMENTS and path.is_file():
+            if path.stat().st_size:
+                return False
+        elif path.name != SUMS_FILE:
+            return False
+    return True
+
+
 def mismatched_fields(manifest: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     return [key for key in IDENTITY_FIELDS if key in identity and manifest.get(key) != identity[key]]
 
@@ -280,7 +298,7 @@ class StoreWriter:
             writer = cls(directory, manifest)
             writer._discard_partial_writes()
             return writer
-        if directory.exists() and any(directory.iterdir()):
+        if directory.exists() and not _only_a_skeleton(directory):
             raise XdiffError(
                 f"{directory} exists but holds no activation store manifest",
                 "delete it or choose another run/output directory",

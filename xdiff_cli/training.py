@@ -500,7 +500,7 @@ def checkpoint_problem(directory: Path) -> str | None:
 
 
 def _resume(trainer: Trainer, out_dir: Path, make_trainer) -> Trainer:  # noqa: ANN001 - () -> Trainer
-    """Load the newest sound checkpoint; damaged ones are named, set aside and skipped.
+    """Load the newest sound checkpoint; damaged ones are named, removed and skipped.
 
     Returns the trainer to continue with (a fresh one when a damaged checkpoint was
     half-loaded, or when none is usable and training restarts from step 0)."""
