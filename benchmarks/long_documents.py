@@ -32,7 +32,7 @@ from xdiff_cli.loading import load_model
 tiny, corpus_path, out, mode = sys.argv[1:5]
 if mode == "baseline":  # the pre-fix behaviour: whole lines, whole documents
     hv.clip_document = lambda doc, max_chars: doc
-    corpus.MAX_DOCUMENT_CHARS = 1 << 40
+    corpus._bounded_lines = lambda fh: iter(fh)
 a = load_model(Path(tiny) / "llama", device="cpu")
 b = load_model(Path(tiny) / "gptoss", device="cpu")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
