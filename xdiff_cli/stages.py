@@ -133,13 +133,34 @@ def run_stages(
     ran = []
     with run.lock():
         for index, name in enumerate(stages_through(through)):
-            if run.stage_done(name) and name not in rerun:
+            if run.stage_done(name) and name not in rerun and not redo_if_damaged(run, name):
                 continue
             if on_stage is not None:
                 on_stage(index, name)
             run_stage(run, name, ctx)
             ran.append(name)
     return ran
+
+
+def redo_if_damaged(run: Run, name: str) -> bool:
+    """A stage recorded done whose artifacts were damaged since is forgotten (with every later
+    stage) so it runs again, and the user is told; False when its artifacts are sound."""
+    from xdiff_cli.integrity import stage_problem
+
+    problem = stage_problem(run, name)
+    if problem is None:
+        return False
+    from rich.markup import escape
+
+    from xdiff_cli.console import err_console
+
+    err_console.print(f"[yellow]note:[/] the {name} output of run {run.id} is damaged ({escape(problem)}); redoing {name}")
+    if name == "train":  # keep the checkpoints: training resumes from the last sound one
+        shutil.rmtree(run.crosscoder_dir / "final", ignore_errors=True)
+        run.forget_stages(list(STAGE_NAMES[STAGE_NAMES.index(name) :]))
+    else:
+        restart_from(run, name)
+    return True
 
 
 def restart_from(run: Run, name: str) -> None:

@@ -19,4 +19,9 @@ def register(app: typer.Typer) -> None:
 
         if run is not None:
             load_run(run)  # an unknown id is a one-line error, before the screen takes over
-        XdiffApp(run_id=run, trust_remote_code=trust_remote_code).run()
+        app = XdiffApp(run_id=run, trust_remote_code=trust_remote_code)
+        app.run()
+        if app.user_error is not None:
+            raise app.user_error
+        if app.return_code:
+            raise typer.Exit(app.return_code)
