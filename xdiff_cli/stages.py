@@ -121,18 +121,29 @@ def run_stages(
     run: Run,
     ctx: StageContext,
     *,
+    first: str | None = None,
     through: str | None = None,
     rerun: Iterable[str] = (),
     on_stage: Callable[[int, str], None] | None = None,
 ) -> list[str]:
-    """Run every unfinished stage up to `through` (all when None), in order; returns those run.
+    """Run every unfinished stage from `first` to `through` (all when None), in order;
+    returns those run.
 
-    Stages in `rerun` run even when done (they resume or return at once when their artifacts
-    are complete). `on_stage(index, name)` is called before each (the CLI prints a header)."""
+    Stages before `first` are this command's inputs: they must be done and sound, else the
+    error names the stage and the command that (re)makes it. A done stage whose artifacts
+    were damaged since is redone. Stages in `rerun` run even when done (they resume or return
+    at once when their artifacts are complete). `on_stage(index, name)` is called before
+    each (the CLI prints a header)."""
     rerun = set(rerun)
+    names = stages_through(through)
+    start = names.index(stage(first).name) if first is not None else 0
     ran = []
     with run.lock():
-        for index, name in enumerate(stages_through(through)):
+        for name in names[:start]:
+            _require_sound(run, name)
+        for index, name in enumerate(names):
+            if index < start:
+                continue
             if run.stage_done(name) and name not in rerun and not redo_if_damaged(run, name):
                 continue
             if on_stage is not None:
@@ -140,6 +151,17 @@ def run_stages(
             run_stage(run, name, ctx)
             ran.append(name)
     return ran
+
+
+def _require_sound(run: Run, name: str) -> None:
+    if not run.stage_done(name):
+        raise XdiffError(f"run {run.id}: stage {name} has not finished", f"run `{stage_command(name, run.id)}`")
+    from xdiff_cli.integrity import stage_problem
+
+    problem = stage_problem(run, name)
+    if problem is not None:
+        raise XdiffError(f"the {name} output of run {run.id} is damaged ({problem})",
+                         f"run `{stage_command(name, run.id)}` to redo it")
 
 
 def redo_if_damaged(run: Run, name: str) -> bool:

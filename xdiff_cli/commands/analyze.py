@@ -25,7 +25,7 @@ def analyze(
     with run.lock():
         if force:
             stages.restart_from(run, "analyze")
-        stages.run_stages(run, stages.StageContext(), through="analyze", rerun=("analyze",))
+        stages.run_stages(run, stages.StageContext(), first="analyze", through="analyze", rerun=("analyze",))
     path = run.analysis_path
     index = FeatureIndex.open(path)
     summary = index.meta.get("summary", {})

@@ -33,9 +33,10 @@ def train(
             # The recorded crosscoder no longer matches the settings: retrain, and let analysis redo.
             run.update_settings(new)
             stages.restart_from(run, "train")
-        console.print(f"run [bold]{run.id}[/]  {run.dir}")
-        stages.run_stages(run, stages.StageContext(progress=not quiet), through="train", rerun=("train",))
+        stages.run_stages(run, stages.StageContext(progress=not quiet), first="train", through="train",
+                          rerun=("train",))
     m = run.metrics
+    console.print(f"run [bold]{run.id}[/]  {run.dir}")
     console.print(
         f"FVE A {m.get('fve_a', float('nan')):.3f}  FVE B {m.get('fve_b', float('nan')):.3f}  "
         f"L0 {m.get('l0', float('nan')):.1f}  dead {m.get('dead_fraction', float('nan')):.1%}"
