@@ -341,12 +341,17 @@ def harvest(
     revision_b: str = "local",
     corpus: str | None = None,
     progress: bool = True,
-) -> ActivationStore:
+    part: Any = None,
+) -> ActivationStore | Path:
     """Harvest `tokens` aligned pairs into `out_dir`; resumable and idempotent.
 
     `documents` is a corpus spec (see `corpus.py`) or an iterable of `Document`s in a fixed
     order. A complete store with the same identity is returned as is; a partial one resumes
     after its last complete shard; one harvested with other settings is refused.
+
+    With `part` (a `parts.Part`), only that part's documents are harvested, up to its share of
+    `tokens`, into the part store at `out_dir`, whose path is returned (`parts.merge_parts`
+    joins the parts into one store).
     """
     import torch
 
@@ -376,10 +381,13 @@ def harvest(
         "seed": seed,
         "target_tokens": tokens,
     }
+    if part is not None:
+        identity["part"] = part.spec
+        tokens = part.quota(tokens)
     check_disk_space(out_dir, 0)  # the directory must be creatable at all
     writer = StoreWriter.open_or_create(out_dir, identity)
     if writer.complete:
-        return ActivationStore.open(out_dir)
+        return out_dir if part is not None else ActivationStore.open(out_dir)
     manifest = writer.manifest
     shard_tokens = shard_tokens or manifest.get("shard_tokens") or default_shard_tokens(tokens)
     manifest["shard_tokens"] = shard_tokens
@@ -391,6 +399,8 @@ def harvest(
         stream: Iterable[Document] = iter_documents(documents, seed=seed, start=start)
     else:
         stream = (doc for doc in documents if doc.doc_id >= start)
+    if part is not None:
+        stream = (doc for doc in stream if part.owns(doc.doc_id, batch_size))
     torch_dtype = getattr(torch, dtype)
     pending = _PendingShard()
     totals = dict(manifest["stats"])
@@ -446,6 +456,12 @@ def harvest(
         from xdiff_cli.console import err_console
 
         err_console.print(f"[yellow]the corpus ran out after {done:,} aligned tokens (asked for {tokens:,})[/]")
+    if part is not None:
+        from xdiff_cli.parts import write_scale_sample
+
+        write_scale_sample(out_dir, manifest, SCALE_SAMPLE_TOKENS)
+        writer.finish_part(aligned_fraction=_aligned_fraction(manifest["stats"]))
+        return out_dir
     scale_a, scale_b = _estimate_scales(out_dir, manifest)
     writer.finish(
         scale_a=scale_a,
@@ -481,19 +497,22 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> ActivationStore:
+def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True, part: Any = None) -> ActivationStore | Path:
     """The harvest stage of a run: settings from `run.settings`, store in `run.store_dir`.
 
     Records `aligned_fraction` and `harvested_tokens` in the run's metrics; marking the stage
-    done is the orchestrator's job.
+    done is the orchestrator's job. With `part`, harvests that part into its part store and
+    returns the part store's path (`parts.merge_parts` then builds the run's store).
     """
+    from xdiff_cli.parts import part_dir
+
     settings = run.settings
     models = run.record.get("models", {})
     store = harvest(
         model_a,
         model_b,
         settings.corpus,
-        run.store_dir,
+        run.store_dir if part is None else part_dir(run.store_dir, part),
         tokens=settings.tokens,
         layer_a=settings.layer_a,
         layer_b=settings.layer_b,
@@ -506,6 +525,9 @@ def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> 
         revision_a=str(models.get("a", {}).get("revision") or "local"),
         revision_b=str(models.get("b", {}).get("revision") or "local"),
         progress=progress,
+        part=part,
     )
+    if part is not None:
+        return store
     run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
     return store

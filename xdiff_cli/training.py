@@ -378,6 +378,7 @@ class Trainer:
         self.tokens_since_fired_F = torch.zeros(cc.dict_size, dtype=torch.long, device=device)
         self.threshold_ema = torch.zeros((), dtype=torch.float64, device=device)
         self.threshold_count = 0  # batches in the EMA (it restarts when k annealing ends)
+        self.dist = None  # a `distributed.Dist` when this is one rank of several (`distributed.attach`)
 
     # --- one step ------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
@@ -386,8 +387,8 @@ class Trainer:
     def train_step(self) -> StepOutput:
         tc, model = self.tc, self.model
         x_NA, x_NB = self.batches.next()
-        if self.step == 0:
-            init_decoder_bias(model, x_NA, x_NB)
+        if self.step == 0:  # under torchrun: from the whole global batch, as one process would
+            init_decoder_bias(model, *(self.batches.full_batch if self.dist else (x_NA, x_NB)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, tc)
         k = k_at(self.step, self.cc, tc)
@@ -395,6 +396,10 @@ class Trainer:
             out = training_forward(model, x_NA, x_NB, k, self.dead_mask(), tc)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.dist is not None:
+            from xdiff_cli.distributed import after_backward
+
+            after_backward(self, out)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         self.optimizer.step()
         self._update_running_state(out)
@@ -541,15 +546,23 @@ def train(
         raise XdiffError(f"--k ({cc.k}) cannot exceed the dictionary size ({cc.dict_size})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
+    from xdiff_cli import distributed
+
+    dist = distributed.current()
+    main = dist is None or dist.is_main  # only the main process writes files
+    device = resolve_device(distributed.rank_device(tc.device, dist))
     trainer = Trainer(source, cc, tc, device)
+    if dist is not None:
+        distributed.attach(trainer, dist)
+        progress = progress and main
     resumed_from = None
     existing = checkpoint_dirs(out_dir)
     if existing:
         trainer.load_checkpoint(existing[-1])
         resumed_from = trainer.step
     metrics_path = out_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, trainer.step)
+    if main:
+        _truncate_metrics(metrics_path, trainer.step)
     window = _MetricWindow(device)
     last: dict[str, float] = {}
     started = time.perf_counter()
@@ -562,22 +575,30 @@ def train(
             at_log = step % tc.log_every == 0 or step == tc.steps
             at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
             if at_log or at_ckpt:
-                _check_finite(window, out_dir)
+                world_window = distributed.reduce_window(window, dist) if dist else window
+                _check_finite(world_window, out_dir)
             if at_log:
-                last = _log_line(trainer, window, step, time.perf_counter() - started)
-                with open(metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(last) + "\n")
+                last = _log_line(trainer, world_window, step, time.perf_counter() - started)
+                if main:
+                    with open(metrics_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(last) + "\n")
                 window.reset()
                 bar.update(last)
             if at_ckpt:
-                _save_and_prune(trainer, out_dir)
+                if main:
+                    _save_and_prune(trainer, out_dir)
+                if dist is not None:
+                    dist.barrier()  # nobody runs ahead of a checkpoint it may have to resume from
             bar.advance()
 
     if not last:  # resumed from the very last checkpoint: its log line is already written
         last = _last_logged(metrics_path)
     final_dir = out_dir / "final"
-    trainer.model.save(final_dir)
-    write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
+    if main:
+        trainer.model.save(final_dir)
+        write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
+    if dist is not None:
+        dist.barrier()
     return TrainResult(
         out_dir=out_dir,
         final_dir=final_dir,
@@ -723,6 +744,10 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     source = ActivationStore.open(run.store_dir).split("train")
     cc, tc = configs_from_settings(run.settings, source.d_a, source.d_b)
     result = train(source, cc, tc, out_dir, progress=progress)
+    from xdiff_cli.distributed import current
+
+    if current() is not None and not current().is_main:
+        return result
     run.set_metrics(
         fve_a=result.fve_a, fve_b=result.fve_b, l0=result.l0, dead_fraction=result.dead_fraction
     )

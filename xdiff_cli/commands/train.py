@@ -29,10 +29,13 @@ def train(
     """
     import shutil
 
+    from xdiff_cli import distributed
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.runs import resolve_run
 
+    dist = distributed.init_from_env()  # under torchrun: one rank of a data-parallel world
+    main = dist is None or dist.is_main
     run = resolve_run(run_id)
     if not (run.store_dir / "manifest.json").is_file() or not run.stage_done("harvest"):
         from xdiff_cli.store import ActivationStore
@@ -49,20 +52,29 @@ def train(
     new = old.updated(**changes).validate()
     if any(getattr(old, name) != getattr(new, name) for name in TRAIN_SETTINGS):
         # The recorded crosscoder no longer matches the settings: retrain, and let analysis redo.
-        shutil.rmtree(run.crosscoder_dir, ignore_errors=True)
-        run.clear_stages_from("train")
+        if main:
+            shutil.rmtree(run.crosscoder_dir, ignore_errors=True)
+            run.clear_stages_from("train")
         run.record["settings"] = new.to_dict()
-        run.save()
+        if main:
+            run.save()
+    if dist is not None:
+        dist.barrier()
+    if not main:
+        console.quiet = True
     console.print(f"run [bold]{run.id}[/]  {run.dir}")
     from xdiff_cli.training import train_run
 
-    run.mark_stage("train", "running")
+    if main:
+        run.mark_stage("train", "running")
     try:
         result = train_run(run, progress=not quiet)
     except BaseException as exc:
-        run.mark_stage("train", "failed" if isinstance(exc, Exception) else "interrupted", error=str(exc))
+        if main:
+            run.mark_stage("train", "failed" if isinstance(exc, Exception) else "interrupted", error=str(exc))
         raise
-    run.mark_stage("train", "done")
+    if main:
+        run.mark_stage("train", "done")
     console.print(
         f"FVE A {result.fve_a:.3f}  FVE B {result.fve_b:.3f}  L0 {result.l0:.1f}  dead {result.dead_fraction:.1%}"
     )
