@@ -234,3 +234,17 @@ def test_two_rank_checkpoint_resumes_in_one_process(world, monkeypatch):
     one, resumed = _final(world, "t1"), _final(world, "t3")
     for name, value in one.items():
         assert torch.allclose(value, resumed[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_planner_points_to_torchrun_when_several_gpus_are_visible(monkeypatch):
+    from xdiff_cli import planner
+
+    configs = Path(__file__).parent / "data" / "configs"
+    footprints = [planner.footprint_from_config(json.loads((configs / f"{n}.json").read_text()), n)
+                  for n in ("Llama-3.1-8B-Instruct", "Qwen3-8B")]
+    monkeypatch.setattr(planner, "_visible_gpus", lambda: 8)
+    plan = planner.plan_memory(footprints, device="cuda", free_bytes=80 * 10**9, native_prequantized=False)
+    assert any("torchrun --nproc-per-node 8" in note for note in plan.notes)
+    monkeypatch.setattr(planner, "_visible_gpus", lambda: 1)
+    plan = planner.plan_memory(footprints, device="cuda", free_bytes=80 * 10**9, native_prequantized=False)
+    assert not any("torchrun" in note for note in plan.notes)
