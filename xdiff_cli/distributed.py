@@ -1,9 +1,10 @@
 """Running under torchrun (or accelerate launch, or any launcher that sets RANK/WORLD_SIZE).
 
 Input: the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Output:
-a `Dist` handle — rank, world size, this rank's device — with the few collectives xdiff
-needs, or None when the process runs alone. Backend: nccl when the ranks train on CUDA,
-gloo otherwise (and for the harvest, which only needs a barrier and a broadcast).
+a `Dist` handle — rank, world size, local rank — with the few collectives xdiff needs, or
+None when the process runs alone. Backend: nccl when the ranks train on CUDA (rank r on
+cuda:LOCAL_RANK), gloo otherwise and for the harvest, which needs only a barrier and a
+broadcast (its models still run on cuda:LOCAL_RANK).
 
 Training (`attach`): every rank builds the same shuffled *global* batch stream and keeps a
 disjoint slice of rows [rank·B/W, (rank+1)·B/W) of each batch, so the data a world sees per
@@ -71,21 +72,6 @@ class Dist:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def all_ok(self, ok: bool) -> bool:
-        """True when every rank is ok (so all ranks raise or none does: no hang at the next collective)."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.tensor_device)
-        dist.all_reduce(flag)
-        return int(flag) == 0
-
-    @property
-    def tensor_device(self) -> Any:
-        import torch
-
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
 def init_from_env(*, cuda: bool | None = None) -> Dist | None:

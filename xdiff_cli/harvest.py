@@ -383,6 +383,7 @@ def harvest(
     }
     if part is not None:
         identity["part"] = part.spec
+        identity["part_block_docs"] = batch_size  # the split depends on it: parts must agree
         tokens = part.quota(tokens)
     check_disk_space(out_dir, 0)  # the directory must be creatable at all
     writer = StoreWriter.open_or_create(out_dir, identity)

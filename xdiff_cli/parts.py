@@ -137,14 +137,14 @@ def check_parts(store_dir: Path, parts: list[tuple[Path, dict[str, Any]]]) -> in
             f"cannot merge: part {missing[0]}/{count} is missing ({len(missing)} of {count} missing)",
             f"run xdiff harvest --run RUN --shard {missing[0]}/{count}",
         )
-    first_dir, first = parts[0]
-    for path, manifest in parts:
+    first = parts[0][1]
+    for _, manifest in parts:
         if not manifest.get("complete"):
             raise XdiffError(
                 f"cannot merge: part {manifest['part']} is incomplete (interrupted)",
                 f"rerun xdiff harvest --run RUN --shard {manifest['part']} to finish it",
             )
-        wrong = [k for k in IDENTITY_FIELDS if manifest.get(k) != first.get(k)]
+        wrong = [k for k in (*IDENTITY_FIELDS, "part_block_docs") if manifest.get(k) != first.get(k)]
         if wrong:
             details = ", ".join(f"{k}: {manifest.get(k)!r} vs {first.get(k)!r}" for k in wrong)
             raise XdiffError(

@@ -35,12 +35,11 @@ def harvest(
     from the last complete shard. Under `torchrun --nproc-per-node N -m xdiff_cli harvest`
     each rank harvests one part and rank 0 merges them.
     """
+    from xdiff_cli import distributed
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.runs import Run, resolve_run
     from xdiff_cli.settings import RunSettings
-
-    from xdiff_cli import distributed
 
     if shard is not None or merge or distributed.launched():
         return _harvest_parts(

@@ -34,9 +34,13 @@ def train(
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.runs import resolve_run
 
-    dist = distributed.init_from_env()  # under torchrun: one rank of a data-parallel world
-    main = dist is None or dist.is_main
     run = resolve_run(run_id)
+    dist = None
+    if distributed.launched():  # under torchrun: one rank of a data-parallel world (nccl on GPUs)
+        import torch
+
+        dist = distributed.init_from_env(cuda=(device or run.settings.device) != "cpu" and torch.cuda.is_available())
+    main = dist is None or dist.is_main
     if not (run.store_dir / "manifest.json").is_file() or not run.stage_done("harvest"):
         from xdiff_cli.store import ActivationStore
 
