@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -54,7 +54,6 @@ class Dist:
     local_rank: int
     backend: str
     comm_seconds: float = 0.0  # time spent in training collectives (for the benchmark)
-    _timers: list[float] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
