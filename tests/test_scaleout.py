@@ -248,3 +248,20 @@ def test_planner_points_to_torchrun_when_several_gpus_are_visible(monkeypatch):
     monkeypatch.setattr(planner, "_visible_gpus", lambda: 1)
     plan = planner.plan_memory(footprints, device="cuda", free_bytes=80 * 10**9, native_prequantized=False)
     assert not any("torchrun" in note for note in plan.notes)
+
+
+def test_cli_merge_of_separately_harvested_parts_equals_single_process(world, monkeypatch):
+    """The SLURM-array path: parts harvested without a process group, then `--merge`."""
+    from xdiff_cli.cli import app
+
+    home = world["home"]
+    monkeypatch.setenv("XDIFF_HOME", str(home))
+    dst = _copy_run(home, "sharded", "array")
+    for stale in ("manifest.json", "documents.jsonl", "shards"):
+        path = dst / "activations" / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = runner.invoke(app, ["harvest", "--merge", "--run", "array"])
+    assert result.exit_code == 0, result.output
+    assert "merged from 2 parts" in result.output
+    a, b = _pairs(_store(world, "single")), _pairs(_store(world, "array"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
