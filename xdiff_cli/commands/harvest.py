@@ -172,7 +172,12 @@ def _harvest_parts(model_a, model_b, name, run_id, shard, merge, quiet, changes)
             wanted = run.settings.device
             if torch.cuda.is_available() and wanted != "cpu":
                 device = f"cuda:{dist.local_rank}"
+        if dist is not None and not dist.is_main:
+            dist.barrier()  # rank 0 downloads first; the others find the models in the cache
+            run = resolve_run(run.id)
         loaded_a, loaded_b = _load_models(run, device=device)
+        if dist is not None and dist.is_main:
+            dist.barrier()
         path = harvest_run(run, loaded_a, loaded_b, progress=not quiet and (dist is None or dist.is_main), part=part)
         from xdiff_cli.store import ActivationStore
 
