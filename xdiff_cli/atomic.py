@@ -111,6 +111,14 @@ def record_checksum(path: Path) -> None:
     _store_sum(path, path.stat().st_size, file_checksum(path))
 
 
+def carry_recorded_sum(source: Path, target: Path) -> None:
+    """Record for `target` (a hard link or byte copy of `source`) the sum recorded for `source`."""
+    source, target = Path(source), Path(target)
+    entry = _read_sums(source.parent).get(source.name)
+    if isinstance(entry, dict) and "crc32" in entry:
+        _store_sum(target, int(entry["size"]), str(entry["crc32"]))
+
+
 def recorded_mismatch(path: Path) -> str | None:
     """Why `path` is not the file recorded at write time, or None when it matches.
 

@@ -366,12 +366,17 @@ def harvest(
     revision_b: str = "local",
     corpus: str | None = None,
     progress: bool = True,
-) -> ActivationStore:
+    part: Any = None,
+) -> ActivationStore | Path:
     """Harvest `tokens` aligned pairs into `out_dir`; resumable and idempotent.
 
     `documents` is a corpus spec (see `corpus.py`) or an iterable of `Document`s in a fixed
     order. A complete store with the same identity is returned as is; a partial one resumes
     after its last complete shard; one harvested with other settings is refused.
+
+    With `part` (a `parts.Part`), only that part's documents are harvested, up to its share of
+    `tokens`, into the part store at `out_dir`, whose path is returned (`parts.merge_parts`
+    joins the parts into one store).
     """
     import torch
 
@@ -401,9 +406,13 @@ def harvest(
         "seed": seed,
         "target_tokens": tokens,
     }
+    if part is not None:
+        identity["part"] = part.spec
+        identity["part_block_docs"] = batch_size  # the split depends on it: parts must agree
+        tokens = part.quota(tokens)
     writer = StoreWriter.open_or_create(out_dir, identity)
     if writer.complete:
-        return ActivationStore.open(out_dir)
+        return out_dir if part is not None else ActivationStore.open(out_dir)
     manifest = writer.manifest
     shard_tokens = shard_tokens or manifest.get("shard_tokens") or default_shard_tokens(tokens)
     manifest["shard_tokens"] = shard_tokens
@@ -415,6 +424,8 @@ def harvest(
         stream: Iterable[Document] = iter_documents(documents, seed=seed, start=start)
     else:
         stream = (doc for doc in documents if doc.doc_id >= start)
+    if part is not None:
+        stream = (doc for doc in stream if part.owns(doc.doc_id, batch_size))
     max_chars = window_chars(context_length)
     stream = (clip_document(doc, max_chars) for doc in stream)
     torch_dtype = getattr(torch, dtype)
@@ -479,6 +490,12 @@ def harvest(
         from xdiff_cli.console import err_console
 
         err_console.print(f"[yellow]the corpus ran out after {done:,} aligned tokens (asked for {tokens:,})[/]")
+    if part is not None:
+        from xdiff_cli.parts import write_scale_sample
+
+        write_scale_sample(out_dir, manifest, SCALE_SAMPLE_TOKENS)
+        writer.finish_part(aligned_fraction=_aligned_fraction(manifest["stats"]))
+        return out_dir
     scale_a, scale_b = _estimate_scales(out_dir, manifest)
     writer.finish(
         scale_a=scale_a,
@@ -514,17 +531,21 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> ActivationStore:
+def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True, part: Any = None) -> ActivationStore | Path:
     """Harvest a run's store: settings from `run.settings`, revisions from `run.models`,
     store in `run.store_dir`. Records `aligned_fraction` and `harvested_tokens` in the run's
-    metrics; marking the stage done is the stage runner's job."""
+    metrics; marking the stage done is the stage runner's job. With `part`, harvests that
+    part into its part store and returns the part store's path (`parts.merge_parts` then
+    builds the run's store)."""
+    from xdiff_cli.parts import part_dir
+
     settings = run.settings
     models = run.models
     store = harvest(
         model_a,
         model_b,
         settings.corpus,
-        run.store_dir,
+        run.store_dir if part is None else part_dir(run.store_dir, part),
         tokens=settings.tokens,
         layer_a=settings.layer_a,
         layer_b=settings.layer_b,
@@ -537,13 +558,26 @@ def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> 
         revision_a=str((models["a"].revision if "a" in models else None) or "local"),
         revision_b=str((models["b"].revision if "b" in models else None) or "local"),
         progress=progress,
+        part=part,
     )
+    if part is not None:
+        return store
     run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
     return store
 
 
 def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
-    """The harvest stage: load both pulled models (only now), harvest, then free them."""
+    """The harvest stage: load both pulled models (only now), harvest, then free them.
+
+    With `ctx.merge` it joins the parts harvested with `--shard I/N` instead. Under torchrun
+    (`ctx.dist`) every rank harvests its part and rank 0, the one running the stage for the
+    world (`stages.run_rank_stage`), merges them after a barrier."""
+    if ctx.merge:
+        merge_run_parts(run)
+        return
+    if ctx.dist is not None:
+        _harvest_rank(run, ctx)
+        return
     from xdiff_cli.hardware import free_accelerator_memory
     from xdiff_cli.pull import load_pulled_model
 
@@ -554,3 +588,70 @@ def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
     finally:
         loaded.clear()
         free_accelerator_memory()
+
+
+def harvest_part(run: Any, ctx: Any, part: Any, device: str | None = None, loaded_first: Any = None) -> Path:
+    """Harvest part `part` (a `parts.Part`) of a run into its own store under
+    `activations/parts/`; returns that store's path.
+
+    Not a stage: the harvest stage is done once the parts are merged (`merge_run_parts`). It
+    holds the part's lock, not the run's, so the parts of one run (a SLURM array) can be
+    harvested at the same time. `loaded_first` is called once the models are loaded (torchrun:
+    rank 0 loads first, so the others find anything it had to build in the cache)."""
+    from xdiff_cli.hardware import free_accelerator_memory
+    from xdiff_cli.locks import exclusive
+    from xdiff_cli.parts import PARTS_DIR
+    from xdiff_cli.pull import load_pulled_model
+
+    lock = Path(run.store_dir) / PARTS_DIR / f".{part.dirname}.lock"
+    loaded = []
+    with exclusive(lock, f"part {part.spec} of run {run.id}"):
+        try:
+            loaded = [load_pulled_model(run, side, ctx, device=device) for side in ("a", "b")]
+            if loaded_first is not None:
+                loaded_first()
+            return harvest_run(run, loaded[0], loaded[1], progress=ctx.progress, part=part)
+        finally:
+            loaded.clear()
+            free_accelerator_memory()
+
+
+def merge_run_parts(run: Any) -> ActivationStore:
+    """Join a run's harvested parts into its activation store; records the harvest metrics."""
+    from xdiff_cli.parts import merge_parts
+
+    store = merge_parts(run.store_dir, eval_fraction=run.settings.eval_fraction)
+    run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
+    return store
+
+
+def _harvest_rank(run: Any, ctx: Any) -> None:
+    """One rank's part of a torchrun harvest; rank 0 then merges and tells the others how it went.
+
+    Rank 0 comes here from the stage runner after the pull stage; the others wait for it at
+    the first barrier, then read the models it recorded."""
+    import torch
+
+    from xdiff_cli.parts import Part
+
+    dist = ctx.dist
+    device = None
+    if torch.cuda.is_available() and run.settings.device != "cpu":
+        device = f"cuda:{dist.local_rank}"
+    if not dist.is_main:
+        dist.barrier()  # rank 0 has pulled and loaded the models: they are in the cache now
+        run = run.reload()
+    harvest_part(run, ctx, Part(dist.rank, dist.world), device=device,
+                 loaded_first=dist.barrier if dist.is_main else None)
+    dist.barrier()  # every part is complete
+    if not dist.is_main:  # wait for rank 0's merge (and fail with it)
+        error = dist.broadcast_object(None)
+        if error:
+            raise XdiffError(error)
+        return
+    try:
+        merge_run_parts(run)
+    except Exception as exc:
+        dist.broadcast_object(str(exc) or type(exc).__name__)
+        raise
+    dist.broadcast_object("")  # the merged store exists before any rank goes on

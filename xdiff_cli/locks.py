@@ -22,6 +22,10 @@ from xdiff_cli.errors import XdiffError
 _HELD: dict[str, tuple[int, int]] = {}  # resolved lock path -> (fd, depth) for this process
 
 
+class LockBusy(XdiffError):
+    """Another process holds the lock (a caller that can wait catches this one)."""
+
+
 def holder(lock_path: Path) -> str:
     """Who holds `lock_path`, as the holder wrote it ('process 123 (xdiff run ...)')."""
     try:
@@ -58,7 +62,7 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise XdiffError(
+        raise LockBusy(
             f"{what} is in use by {holder(lock_path)}",
             "wait for it to finish (or stop it), then run this command again",
         ) from None

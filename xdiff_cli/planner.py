@@ -378,6 +378,13 @@ def plan_memory(
                 dict_size = smaller
     if native_prequantized is None:
         native_prequantized = on_gpu and _mxfp4_kernels_available()
+    gpus = _visible_gpus() if on_gpu else 0
+    if gpus > 1:
+        notes.append(
+            f"{gpus} GPUs visible: this plan is per GPU (each rank holds both models and the crosscoder); "
+            f"`torchrun --nproc-per-node {gpus} -m xdiff_cli -- harvest|train ...` splits the tokens and "
+            "the batch across them (README: Beyond one GPU)"
+        )
     overrides = list(quant_per_model or [None, None])
     if len(overrides) != 2:
         raise XdiffError("quant_per_model needs one entry per model")
@@ -428,6 +435,12 @@ def plan_memory(
         if all(need <= budget for phase, need in plan.phases.items() if phase != "train"):
             return plan
     return plan  # 4-bit and still too big: `check()` says so
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _mxfp4_kernels_available() -> bool:

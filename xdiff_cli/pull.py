@@ -142,8 +142,10 @@ def pull_stage(run: Run, ctx: Any) -> None:  # ctx: stages.StageContext
         ))
 
 
-def load_pulled_model(run: Run, side: str, ctx: Any) -> Any:  # -> loading.LoadedModel
-    """Load model `side` as pull recorded it; custom code only if this command line allows it."""
+def load_pulled_model(run: Run, side: str, ctx: Any, device: str | None = None) -> Any:  # -> loading.LoadedModel
+    """Load model `side` as pull recorded it; custom code only if this command line allows it.
+
+    `device` overrides the recorded one (each torchrun rank loads onto its own GPU)."""
     from xdiff_cli.loading import load_model
 
     model = run.models.get(side)
@@ -152,6 +154,6 @@ def load_pulled_model(run: Run, side: str, ctx: Any) -> Any:  # -> loading.Loade
 
         raise XdiffError(f"run {run.id}: stage pull has not run", f"run `{stage_command('pull', run.id)}`")
     return load_model(
-        Path(model.path), quant=model.quant or "none", device=model.device or "auto", dtype=model.dtype,
+        Path(model.path), quant=model.quant or "none", device=device or model.device or "auto", dtype=model.dtype,
         trust_remote_code=ctx.trust_remote_code,
     )

@@ -94,6 +94,8 @@ class StageContext:
     trust_remote_code: bool = False
     hardware: Any = None  # hardware.Hardware; detected on first use when None
     plan: Any = None  # plan.Plan of this `xdiff run`, when there is one
+    dist: Any = None  # distributed.Dist when this process is one rank of a torchrun world
+    merge: bool = False  # harvest: join the parts harvested with --shard instead of harvesting
 
 
 # --------------------------------------------------------------------------------------
@@ -151,6 +153,20 @@ def run_stages(
             run_stage(run, name, ctx)
             ran.append(name)
     return ran
+
+
+def run_rank_stage(run: Run, name: str, ctx: StageContext) -> None:
+    """A non-zero rank's share of stage `name` under torchrun (`ctx.dist`).
+
+    Rank 0 runs the stage through `run_stages` like a single process: it holds the run lock
+    for the whole world and is the only one that marks the stage. The other ranks call the
+    same stage function here, with neither: the lock is an flock held per process, so a second
+    rank asking for it would fail at once (or, waiting, deadlock with rank 0 waiting for that
+    rank at a collective), and `run.json` must have one writer. The stage function keeps the
+    ranks in step itself (barriers, collectives) and writes shared files on rank 0 only."""
+    if ctx.dist is None or ctx.dist.is_main:
+        raise ValueError("run_rank_stage is for the non-zero ranks of a torchrun world")
+    stage(name).load()(run, ctx)
 
 
 def _require_sound(run: Run, name: str) -> None:

@@ -413,3 +413,8 @@ class StoreWriter:
             eval_start_shard=start, complete=True,
         )
         self._save()
+
+    def finish_part(self, *, aligned_fraction: float) -> None:
+        """Mark one part of a sharded harvest complete (`parts.merge_parts` splits and scales)."""
+        self.manifest.update(aligned_fraction=aligned_fraction, complete=True)
+        self._save()

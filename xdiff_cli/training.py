@@ -376,6 +376,7 @@ class Trainer:
         self.tokens_since_fired_F = torch.zeros(cc.dict_size, dtype=torch.long, device=device)
         self.threshold_ema = torch.zeros((), dtype=torch.float64, device=device)
         self.threshold_count = 0  # batches in the EMA (it restarts when k annealing ends)
+        self.dist = None  # a `distributed.Dist` when this is one rank of several (`distributed.attach`)
 
     # --- one step ------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
@@ -384,8 +385,8 @@ class Trainer:
     def train_step(self) -> StepOutput:
         tc, model = self.tc, self.model
         x_NA, x_NB = self.batches.next()
-        if self.step == 0:
-            init_decoder_bias(model, x_NA, x_NB)
+        if self.step == 0:  # under torchrun: from the whole global batch, as one process would
+            init_decoder_bias(model, *(self.batches.full_batch if self.dist else (x_NA, x_NB)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, tc)
         k = k_at(self.step, self.cc, tc)
@@ -393,6 +394,10 @@ class Trainer:
             out = training_forward(model, x_NA, x_NB, k, self.dead_mask(), tc)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.dist is not None:
+            from xdiff_cli.distributed import after_backward
+
+            after_backward(self, out)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         self.optimizer.step()
         self._update_running_state(out)
@@ -587,14 +592,27 @@ def train(
         raise XdiffError(f"--k ({cc.k}) cannot exceed the dictionary size ({cc.dict_size})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
+    from xdiff_cli import distributed
     from xdiff_cli.atomic import clean_temp_files
 
-    clean_temp_files(out_dir)  # what a killed or disk-full run left half-written
-    trainer = _resume(Trainer(source, cc, tc, device), out_dir, lambda: Trainer(source, cc, tc, device))
+    dist = distributed.current()
+    main = dist is None or dist.is_main  # only the main process writes files
+    device = resolve_device(distributed.rank_device(tc.device, dist))
+    if main:
+        clean_temp_files(out_dir)  # what a killed or disk-full run left half-written
+    # Rank 0 picks the checkpoint first (removing damaged ones); the other ranks then find
+    # only sound ones, so every rank resumes from the same step.
+    trainer = _resume(Trainer(source, cc, tc, device), out_dir, lambda: Trainer(source, cc, tc, device)) if main else None
+    if dist is not None:
+        dist.barrier()
+        if not main:
+            trainer = _resume(Trainer(source, cc, tc, device), out_dir, lambda: Trainer(source, cc, tc, device))
+        distributed.attach(trainer, dist)  # after the resume: its batch slice keeps the resumed position
+        progress = progress and main
     resumed_from = trainer.step or None
     metrics_path = out_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, trainer.step)
+    if main:
+        _truncate_metrics(metrics_path, trainer.step)
     window = _MetricWindow(device)
     last: dict[str, float] = {}
     started = time.perf_counter()
@@ -607,22 +625,30 @@ def train(
             at_log = step % tc.log_every == 0 or step == tc.steps
             at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
             if at_log or at_ckpt:
-                _check_finite(window, out_dir)
+                world_window = distributed.reduce_window(window, dist) if dist else window
+                _check_finite(world_window, out_dir)
             if at_log:
-                last = _log_line(trainer, window, step, time.perf_counter() - started)
-                with open(metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(last) + "\n")
+                last = _log_line(trainer, world_window, step, time.perf_counter() - started)
+                if main:
+                    with open(metrics_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(last) + "\n")
                 window.reset()
                 bar.update(last)
             if at_ckpt:
-                _save_and_prune(trainer, out_dir)
+                if main:
+                    _save_and_prune(trainer, out_dir)
+                if dist is not None:
+                    dist.barrier()  # nobody runs ahead of a checkpoint it may have to resume from
             bar.advance()
 
     if not last:  # resumed from the very last checkpoint: its log line is already written
         last = _last_logged(metrics_path)
     final_dir = out_dir / "final"
-    trainer.model.save(final_dir)
-    write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
+    if main:
+        trainer.model.save(final_dir)
+        write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
+    if dist is not None:
+        dist.barrier()
     return TrainResult(
         out_dir=out_dir,
         final_dir=final_dir,
@@ -769,7 +795,10 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     from xdiff_cli.integrity import crosscoder_problem
 
     problem = crosscoder_problem(final_dir) if final_dir.exists() else "missing"
-    if problem not in (None, "missing", "model.safetensors is missing"):
+    from xdiff_cli.distributed import current
+
+    main = current() is None or current().is_main
+    if problem not in (None, "missing", "model.safetensors is missing") and main:
         from xdiff_cli.console import err_console
 
         err_console.print(f"[yellow]note:[/] the trained crosscoder in {final_dir} is damaged ({problem}); "
@@ -793,6 +822,8 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     source = ActivationStore.open(run.store_dir).split("train")
     cc, tc = configs_from_settings(run.settings, source.d_a, source.d_b)
     result = train(source, cc, tc, out_dir, progress=progress)
+    if not main:  # rank 0 records the metrics
+        return result
     run.set_metrics(
         fve_a=result.fve_a, fve_b=result.fve_b, l0=result.l0, dead_fraction=result.dead_fraction
     )
@@ -800,5 +831,14 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
 
 
 def train_stage(run, ctx) -> None:  # noqa: ANN001 - runs.Run, stages.StageContext
-    """The train stage for the stage runner."""
+    """The train stage for the stage runner (and, under torchrun, `stages.run_rank_stage`).
+
+    Under torchrun rank 0 comes here from the stage runner, with the run's settings updated,
+    a stale crosscoder removed and the inputs checked; the other ranks wait for it here, then
+    read the run as rank 0 left it."""
+    dist = getattr(ctx, "dist", None)
+    if dist is not None:
+        dist.barrier()
+        if not dist.is_main:
+            run = run.reload()
     train_run(run, progress=ctx.progress)

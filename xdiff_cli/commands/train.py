@@ -21,20 +21,32 @@ def train(
     """Train the run's crosscoder on its harvested activations (resumes from the last checkpoint).
 
     Options given here replace the run's recorded settings; if they change an already trained crosscoder's settings, it is trained again from scratch.
+    Under `torchrun --nproc-per-node N -m xdiff_cli -- train ...` the ranks train one crosscoder data-parallel.
     """
-    from xdiff_cli import stages
+    from xdiff_cli import distributed, stages
     from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console
 
     run = pick_run(run_id, needs="harvest")
     new = run.settings.updated(**options).validate()
+    dist = None
+    if distributed.launched():  # under torchrun: one rank of a data-parallel world (nccl on GPUs)
+        import torch
+
+        dist = distributed.init_from_env(cuda=new.device != "cpu" and torch.cuda.is_available())
+    ctx = stages.StageContext(progress=not quiet and (dist is None or dist.is_main), dist=dist)
+    if dist is not None and not dist.is_main:
+        # Rank 0 records the settings, holds the lock and marks the stage; `training.train_stage`
+        # makes this rank wait for it before reading the run.
+        console.quiet = True
+        stages.run_rank_stage(run, "train", ctx)
+        return
     with run.lock():
         if new != run.settings:
             # The recorded crosscoder no longer matches the settings: retrain, and let analysis redo.
             run.update_settings(new)
             stages.restart_from(run, "train")
-        stages.run_stages(run, stages.StageContext(progress=not quiet), first="train", through="train",
-                          rerun=("train",))
+        stages.run_stages(run, ctx, first="train", through="train", rerun=("train",))
     m = run.metrics
     console.print(f"run [bold]{run.id}[/]  {run.dir}")
     console.print(

@@ -1,0 +1,257 @@
+"""Running under torchrun (or accelerate launch, or any launcher that sets RANK/WORLD_SIZE).
+
+Input: the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Output:
+a `Dist` handle — rank, world size, local rank — with the few collectives xdiff needs, or
+None when the process runs alone. Backend: nccl when the ranks train on CUDA (rank r on
+cuda:LOCAL_RANK), gloo otherwise and for the harvest, which needs only a barrier and a
+broadcast (its models still run on cuda:LOCAL_RANK).
+
+Training (`attach`): every rank builds the same shuffled *global* batch stream and keeps a
+disjoint slice of rows [rank·B/W, (rank+1)·B/W) of each batch, so the data a world sees per
+step is exactly one process's batch. Parameters start identical (same seed) and stay so:
+
+- BatchTopK keeps the k·B highest scores of the *global* batch: each rank all-gathers its
+  local top-k·B scores, finds the global cut, and keeps its own scores above it;
+- gradients are averaged with one all-reduce (each rank's loss is a mean over its rows, and
+  the rows are split evenly, so the average is the global batch's gradient), then clipped
+  and stepped identically on every rank;
+- the decoder-bias initialisation uses the whole first global batch, the inference threshold
+  EMA the global smallest kept score, and the dead-feature counters the global "fired" mask
+  (a max-reduce), so the running state is the one a single process would have.
+
+What is not bit-equal: floating-point sums happen in another order (a few ulps per step),
+and terms normalised *inside* the loss by a batch statistic (the joint AuxK's residual
+variance) use the rank's rows.
+Checkpoints are written by rank 0 only (atomically, as in a single process), and every rank
+resumes from the same global data position, so a run can resume with another world size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from xdiff_cli.errors import XdiffError
+
+# Ranks wait at the harvest barrier for the slowest one: allow a long harvest.
+TIMEOUT = timedelta(hours=int(os.environ.get("XDIFF_DIST_TIMEOUT_HOURS", "24")))
+
+_current: Dist | None = None
+
+
+def launched() -> bool:
+    """True when a launcher started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    backend: str
+    comm_seconds: float = 0.0  # time spent in training collectives (for the benchmark)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_from_env(*, cuda: bool | None = None) -> Dist | None:
+    """Join the launcher's process group (once); None when not launched as several ranks."""
+    global _current
+    if _current is not None or not launched():
+        return _current
+    import torch
+    import torch.distributed as dist
+
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError) as exc:
+        raise XdiffError("WORLD_SIZE is set but RANK/LOCAL_RANK are missing or not numbers", "launch with torchrun") from exc
+    use_cuda = torch.cuda.is_available() if cuda is None else cuda
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=TIMEOUT)
+    _current = Dist(rank, world, local_rank, backend)
+    return _current
+
+
+def current() -> Dist | None:
+    return _current
+
+
+def shutdown() -> None:
+    global _current
+    if _current is not None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _current = None
+
+
+def rank_device(device: str, d: Dist | None) -> str:
+    """The device this rank uses: `cuda:LOCAL_RANK` under a launcher on a GPU machine."""
+    if d is None or device == "cpu" or d.backend != "nccl":
+        return "cpu" if d is not None and d.backend == "gloo" and device == "auto" else device
+    return f"cuda:{d.local_rank}"
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+
+class _Timed:
+    def __init__(self, d: Dist) -> None:
+        self.d = d
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.d.comm_seconds += time.perf_counter() - self.start
+
+
+class RankBatches:
+    """A rank's slice of each batch of a `training.ShuffledBatches` over the global batch.
+
+    `position`/`seek` are the global stream's, so checkpoints hold a world-size-free position.
+    `full_batch` is the last global batch (the decoder-bias init needs all of it)."""
+
+    def __init__(self, global_batches: Any, d: Dist) -> None:
+        batch = global_batches.batch_size
+        if batch % d.world:
+            raise XdiffError(f"--batch-size {batch} does not split evenly over {d.world} ranks", f"use a multiple of {d.world}")
+        self.inner, self.d = global_batches, d
+        self.rows = slice(d.rank * batch // d.world, (d.rank + 1) * batch // d.world)
+        self.full_batch: tuple[Any, Any] | None = None
+
+    @property
+    def position(self) -> Any:
+        return self.inner.position
+
+    def seek(self, position: Any) -> None:
+        self.inner.seek(position)
+
+    def next(self) -> tuple[Any, Any]:
+        x_NA, x_NB = self.inner.next()
+        self.full_batch = (x_NA, x_NB)
+        return x_NA[self.rows].contiguous(), x_NB[self.rows].contiguous()
+
+
+def global_batch_topk(model: Any, d: Dist) -> None:
+    """Make `model.batch_topk_sparse`/`batch_topk` select against the global batch's cut."""
+    import torch
+    import torch.distributed as dist
+
+    local_sparse, local_dense = model.batch_topk_sparse, model.batch_topk
+
+    def local_k(acts_NF: torch.Tensor, k: float) -> float:
+        """The k (per local token) that keeps exactly this rank's share of the global top-k·N."""
+        with torch.no_grad(), _Timed(d):
+            scores_NF = model.ranking_scores(acts_NF.detach()).float().flatten()
+            n_global = max(1, min(int(round(k * acts_NF.shape[0] * d.world)), scores_NF.numel() * d.world))
+            top = scores_NF.topk(min(n_global, scores_NF.numel()), sorted=False).values
+            gathered = [torch.empty_like(top) for _ in range(d.world)]
+            dist.all_gather(gathered, top)
+            cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
+            # Scores tied at the cut are all kept; zero scores are never kept (they decode to 0).
+            n_local = int((top >= cut).sum()) if cut > 0 else int((top > 0).sum())
+        return max(n_local, 1) / acts_NF.shape[0]
+
+    def min_kept_global(min_kept: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _Timed(d):
+            value = torch.where(min_kept > 0, min_kept.float(), torch.full_like(min_kept.float(), float("inf")))
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+            return torch.where(torch.isinf(value), torch.zeros_like(value), value).to(min_kept.dtype)
+
+    def batch_topk_sparse(acts_NF: torch.Tensor, k: float):  # noqa: ANN202
+        sparse, min_kept = local_sparse(acts_NF, local_k(acts_NF, k))
+        return sparse, min_kept_global(min_kept)
+
+    def batch_topk(acts_NF: torch.Tensor, k: float):  # noqa: ANN202
+        f_NF, min_kept = local_dense(acts_NF, local_k(acts_NF, k))
+        return f_NF, min_kept_global(min_kept)
+
+    # Instance attributes shadow the methods for this model only (Crosscoder.save/load ignore them).
+    object.__setattr__(model, "batch_topk_sparse", batch_topk_sparse)
+    object.__setattr__(model, "batch_topk", batch_topk)
+
+
+def attach(trainer: Any, d: Dist) -> None:
+    """Turn a `training.Trainer` into one rank of a data-parallel world (see the module doc)."""
+    import torch
+    import torch.distributed as dist
+
+    trainer.batches = RankBatches(trainer.batches, d)
+    global_batch_topk(trainer.model, d)
+    # Same seed → same init everywhere; broadcast anyway so no rank can drift from rank 0.
+    with torch.no_grad():
+        for tensor in list(trainer.model.parameters()) + list(trainer.model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+    trainer.dist = d
+
+
+def after_backward(trainer: Any, out: Any) -> None:
+    """Average the gradients over ranks and OR the per-rank "fired" masks (one collective each)."""
+    import torch
+    import torch.distributed as dist
+
+    d: Dist = trainer.dist
+    params = [p for p in trainer.model.parameters() if p.grad is not None]
+    with _Timed(d):
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= d.world
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+        fired = out.fired_F.to(torch.uint8)
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        out.fired_F = fired.bool()
+    # The FVE's denominator is the global batch's variance (summed over ranks by `reduce_window`).
+    x_NA, x_NB = trainer.batches.full_batch
+    out.var_a = (x_NA - x_NA.mean(0)).pow(2).sum() / d.world
+    out.var_b = (x_NB - x_NB.mean(0)).pow(2).sum() / d.world
+
+
+def reduce_window(window: Any, d: Dist) -> Any:
+    """A copy of a `training._MetricWindow` summed over ranks (losses averaged)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    out = copy.copy(window)
+    sums = torch.stack([window.loss, window.aux, window.err_a, window.err_b, window.var_a, window.var_b, window.active])
+    dist.all_reduce(sums)
+    out.loss, out.aux = sums[0] / d.world, sums[1] / d.world
+    out.err_a, out.err_b, out.var_a, out.var_b, out.active = sums[2:]
+    bad = window.first_bad_step.clone()
+    bad = torch.where(bad < 0, torch.full_like(bad, 2**62), bad)
+    dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    out.first_bad_step = torch.where(bad == 2**62, torch.full_like(bad, -1), bad)
+    return out
