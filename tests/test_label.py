@@ -64,16 +64,28 @@ class SparseStore(FakeStore):
                 rows = []
 
 
-@pytest.fixture
-def labelled_run():
-    """(run, evidence_for): an analysed run over SparseStore and a way to collect its evidence."""
+@pytest.fixture(scope="module")
+def sparse_analysis(tmp_path_factory):
+    """SparseStore, the hand-built crosscoder and their analysis.sqlite (built once per module)."""
     from xdiff_cli.analysis import AnalysisConfig, analyze
+
+    store, crosscoder = SparseStore(), hand_built_crosscoder()
+    path = tmp_path_factory.mktemp("label-analysis") / "analysis.sqlite"
+    analyze(crosscoder, store, store, path, config=AnalysisConfig(top_k=8), meta={})
+    return store, crosscoder, path
+
+
+@pytest.fixture
+def labelled_run(sparse_analysis):
+    """(run, evidence_for): an analysed run over SparseStore and a way to collect its evidence."""
+    import shutil
+
     from xdiff_cli.runs import Run
     from xdiff_cli.settings import RunSettings
 
+    store, crosscoder, analysis = sparse_analysis
     run = Run.create(RunSettings(model_a="org/model-a", model_b="org/model-b", dict_size=20, k=2), name="label-run")
-    store, crosscoder = SparseStore(), hand_built_crosscoder()
-    analyze(crosscoder, store, store, run.analysis_path, config=AnalysisConfig(top_k=8), meta={})
+    shutil.copyfile(analysis, run.analysis_path)
     run.mark_stage("analyze", "done")
 
     def evidence_for(todo):
@@ -180,7 +192,8 @@ def test_retry_that_answers_properly_is_kept(labelled_run):
 
 @pytest.mark.parametrize("reply, parsed", [
     ("LABEL: animal names\nDESCRIPTION: Fires on animals.", ("animal names", "Fires on animals.")),
-    ("Label: \"colour words\".", ("colour words", "")),
+    ("**Label:** \"colour words\".\n\n**Description:** colours", ("colour words", "colours")),
+    ("LABEL: colour words", None),
     ("LABEL: one two three four five six seven eight nine\nDESCRIPTION: x", None),
     ("LABEL: <a short label of at most 8 words>", None),
     ("animals, I think", None),

@@ -262,6 +262,7 @@ RETRY_MESSAGE = (
     "Your answer was not in the required format. Answer in exactly two lines:\n"
     "LABEL: <at most 8 words>\nDESCRIPTION: <one sentence>"
 )
+REPLY_PREFILL = "LABEL:"
 DETECT_SYSTEM = (
     "You check whether a feature of a language model, described below, fires anywhere in a text "
     "excerpt. Answer with one word: Yes or No."
@@ -314,7 +315,8 @@ _DESCRIPTION_LINE = re.compile(r"^[\s*#>_-]*description[\s*_]*:[\s*_]*(.+?)[\s*_
 
 
 def parse_explanation(reply: str) -> tuple[str, str] | None:
-    """(label, description) from a `LABEL:` / `DESCRIPTION:` reply; None when malformed."""
+    """(label, description) from a `LABEL:` / `DESCRIPTION:` reply; None when malformed
+    (either line missing, the label empty or longer than 8 words, a template left unfilled)."""
     match = _LABEL_LINE.search(reply or "")
     if not match:
         return None
@@ -323,6 +325,8 @@ def parse_explanation(reply: str) -> tuple[str, str] | None:
         return None
     described = _DESCRIPTION_LINE.search(reply)
     description = described.group(1).strip().strip("\"'`").strip() if described else ""
+    if not description or "<" in description:
+        return None
     return label, description
 
 
@@ -351,7 +355,10 @@ def balanced_accuracy(positives: Sequence[float], negatives: Sequence[float], th
 class Backend(Protocol):
     name: str  # identity for the cache and the labels table ("local:SPEC" or "URL#MODEL")
 
-    def complete(self, messages: Messages, max_tokens: int) -> str: ...
+    def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
+        """The reply to `messages`, greedy. Backends that can put words in the model's mouth
+        start the reply with `prefill` (and return it as part of the reply); others ignore it."""
+        ...
 
     def p_yes(self, messages: Messages) -> float: ...
 
@@ -382,28 +389,28 @@ class LocalChatModel:
                 ids.add(encoded[0])
         return ids
 
-    def _input_ids(self, messages: Messages):  # noqa: ANN202 - tensor
+    def _input_ids(self, messages: Messages, prefill: str = ""):  # noqa: ANN202 - tensor
         import torch
 
         tok = self.loaded.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
             ids = tok.encode(text, add_special_tokens=False)
         else:  # a base model: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant:"
+            text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: " + prefill
             ids = tok.encode(text)
         return torch.tensor([ids], device=self.loaded.input_device)
 
-    def complete(self, messages: Messages, max_tokens: int) -> str:
+    def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
         import torch
 
-        ids = self._input_ids(messages)
+        ids = self._input_ids(messages, prefill)
         with torch.no_grad():
             out = self.loaded.model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                 pad_token_id=self.loaded.tokenizer.pad_token_id,
             )
-        return self.loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return prefill + self.loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     def p_yes(self, messages: Messages) -> float:
         """P(yes) / (P(yes) + P(no)) over the next token, summed over Yes/No spellings."""
@@ -478,8 +485,8 @@ class OpenAIEndpoint:
         except (KeyError, IndexError, TypeError):
             raise XdiffError("the label endpoint's reply has no choices[0].message.content") from None
 
-    def complete(self, messages: Messages, max_tokens: int) -> str:
-        return self._text(self._post(self._body(messages, max_tokens)))
+    def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
+        return self._text(self._post(self._body(messages, max_tokens)))  # chat APIs cannot prefill
 
     def p_yes(self, messages: Messages) -> float:
         body = self._body(messages, 1)
@@ -541,12 +548,12 @@ class CachedBackend:
         self.name = backend.name
         self.requests = 0
 
-    def complete(self, messages: Messages, max_tokens: int) -> str:
-        key = self.cache.key(self.name, "complete", max_tokens, messages)
+    def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
+        key = self.cache.key(self.name, "complete", max_tokens, prefill, messages)
         found = self.cache.get(key)
         if found is None:
             self.requests += 1
-            found = self.backend.complete(messages, max_tokens)
+            found = self.backend.complete(messages, max_tokens, prefill)
             self.cache.put(key, found)
         return found
 
@@ -637,11 +644,12 @@ class LabelStore:
 def explain(backend: Backend, evidence: FeatureEvidence, config: LabelConfig) -> tuple[tuple[str, str] | None, str]:
     """(label, description) or None after one retry, and the last raw reply."""
     messages = explanation_prompt(evidence)
-    reply = backend.complete(messages, config.max_new_tokens)
+    # Local models get the reply started for them ("LABEL:"): small ones then keep the format.
+    reply = backend.complete(messages, config.max_new_tokens, prefill=REPLY_PREFILL)
     parsed = parse_explanation(reply)
     if parsed is None:
         retry = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": RETRY_MESSAGE}]
-        reply = backend.complete(retry, config.max_new_tokens)
+        reply = backend.complete(retry, config.max_new_tokens, prefill=REPLY_PREFILL)
         parsed = parse_explanation(reply)
     return parsed, reply
 
