@@ -250,17 +250,20 @@ EXPLAIN_SYSTEM = (
     "feature of a language model's internal activations fires, and explain in plain words what "
     "the feature detects."
 )
+LABEL_EXAMPLE = "plural nouns for tools"  # shown as the format; a reply copying it is malformed
 EXPLAIN_INSTRUCTIONS = (
     "Tokens where the feature fires are marked <<like this>>. After each excerpt, the marked tokens "
     "are listed with their activation level, from 1 (weak) to 9 (the strongest seen).\n"
     "Look at the marked tokens and their context: what do they have in common? Be specific.\n"
-    "Answer in exactly two lines and nothing else:\n"
-    "LABEL: <a short label of at most 8 words>\n"
-    "DESCRIPTION: <one sentence saying when the feature fires>"
+    "Answer in exactly two lines and nothing else: a line starting with LABEL: and a short label "
+    "of at most 8 words, then a line starting with DESCRIPTION: and one sentence saying when the "
+    "feature fires. The format (for some other feature) looks like this:\n"
+    f"LABEL: {LABEL_EXAMPLE}\n"
+    "DESCRIPTION: Fires on the plural of tool names, such as hammers or saws."
 )
 RETRY_MESSAGE = (
-    "Your answer was not in the required format. Answer in exactly two lines:\n"
-    "LABEL: <at most 8 words>\nDESCRIPTION: <one sentence>"
+    "That was not in the required format. Answer in exactly two lines: LABEL: followed by at most "
+    "8 words, then DESCRIPTION: followed by one sentence."
 )
 REPLY_PREFILL = "LABEL:"
 DETECT_SYSTEM = (
@@ -321,7 +324,7 @@ def parse_explanation(reply: str) -> tuple[str, str] | None:
     if not match:
         return None
     label = match.group(1).strip().rstrip(".").strip().strip("\"'`").strip().rstrip(".")
-    if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label:
+    if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label or label.lower() == LABEL_EXAMPLE:
         return None
     described = _DESCRIPTION_LINE.search(reply)
     description = described.group(1).strip().strip("\"'`").strip() if described else ""
@@ -438,7 +441,7 @@ class OpenAIEndpoint:
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
         self.model = model
-        self.name = f"{url.rstrip('/')}#{model}"
+        self.name = backend_name(model, url)
         self.timeout = timeout
         self._key = os.environ.get(api_key_env) or (os.environ.get("OPENAI_API_KEY") if api_key_env == API_KEY_ENV else None)
         self._logprobs = True  # dropped after the server rejects them once
@@ -794,6 +797,13 @@ def label_features(
 # --- backends from CLI options and the run-level entry point --------------------------------
 
 
+def backend_name(model: str | None, endpoint: str | None) -> str:
+    """The labeller's identity in the labels table and the cache: "URL#MODEL" or "local:SPEC"."""
+    if endpoint:
+        return f"{endpoint.rstrip('/')}#{model}"
+    return f"local:{model or DEFAULT_LOCAL_MODEL}"
+
+
 def make_backend(model: str | None, endpoint: str | None, *, device: str = "auto",
                  api_key_env: str = API_KEY_ENV, settings=None) -> Backend:  # noqa: ANN001 - RunSettings
     """`--endpoint URL --model NAME` → an OpenAI-compatible endpoint; else a local chat model
@@ -809,7 +819,7 @@ def make_backend(model: str | None, endpoint: str | None, *, device: str = "auto
 
     settings = settings or RunSettings(model_a=spec, model_b=spec)
     _, path, _, _ = fetch(spec, settings, token=None)
-    return LocalChatModel(load_model(path, device=device), name=f"local:{spec}")
+    return LocalChatModel(load_model(path, device=device), name=backend_name(spec, None))
 
 
 def run_evidence(run, device: str = "cpu", config: LabelConfig = LabelConfig(),  # noqa: ANN001 - runs.Run
@@ -829,3 +839,53 @@ def run_evidence(run, device: str = "cpu", config: LabelConfig = LabelConfig(), 
 
 def cache_path_for(run) -> Path:  # noqa: ANN001 - runs.Run
     return run.dir / "label_cache.sqlite"
+
+
+def label_run(
+    run,  # noqa: ANN001 - runs.Run
+    *,
+    model: str | None = None,
+    endpoint: str | None = None,
+    partition: str = "candidates",
+    limit: int | None = 20,
+    device: str = "auto",
+    api_key_env: str = API_KEY_ENV,
+    force: bool = False,
+    config: LabelConfig = LabelConfig(),
+    on_start: Callable[[int], None] | None = None,
+    on_feature: Callable[[LabelResult, int], None] | None = None,
+) -> LabelSummary:
+    """Label the top `limit` live features of `partition` of an analysed run (`xdiff label`,
+    `xdiff run --label`). The labeller is loaded only when something is left to label."""
+    from xdiff_cli.loading import resolve_device
+
+    features = select_features(run.analysis_path, partition, limit)
+    if not features:
+        raise XdiffError(f"run {run.id} has no live features in partition {partition!r}")
+    if on_start:
+        on_start(len(features))
+    device = resolve_device(device)
+    store = LabelStore(run.analysis_path)
+    try:
+        done = store.done(backend_name(model, endpoint))
+    finally:
+        store.close()
+    pending = force or any(f not in done for f, _ in features)
+    backend: Backend = (make_backend(model, endpoint, device=device, api_key_env=api_key_env, settings=run.settings)
+                        if pending else _Unloaded(backend_name(model, endpoint)))
+    return label_features(run.analysis_path, cache_path_for(run), backend, features,
+                          run_evidence(run, device=device, config=config), config, force=force, on_feature=on_feature)
+
+
+class _Unloaded:
+    """Stands in for a labeller that is not needed (every feature already labelled); the
+    shuffled baseline it refreshes comes from the cache."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
+        raise XdiffError("the labeller was asked for an answer it should have had cached", "rerun with --force")
+
+    def p_yes(self, messages: Messages) -> float:
+        raise XdiffError("the labeller was asked for a score it should have had cached", "rerun with --force")

@@ -34,35 +34,28 @@ def label(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     from xdiff_cli.console import console, err_console, stage_progress
-    from xdiff_cli.label import (
-        PARTITIONS, cache_path_for, label_features, make_backend, run_evidence, select_features,
-    )
-    from xdiff_cli.loading import resolve_device
-    from xdiff_cli.runs import resolve_run
-
     from xdiff_cli.errors import XdiffError
+    from xdiff_cli.label import PARTITIONS, label_run
+    from xdiff_cli.runs import resolve_run
 
     if partition not in PARTITIONS:
         raise XdiffError(f"unknown partition {partition!r}", "use a, b, candidates or all")
+    if endpoint and not model:
+        raise XdiffError("--endpoint needs --model NAME (the model the server should use)")
     run = resolve_run(run_id)
-    features = select_features(run.analysis_path, partition, limit)
-    if not features:
-        raise XdiffError(f"run {run.id} has no live features in partition {partition!r}")
-    device = resolve_device(device)
-    err_console.print(f"[dim]labelling {len(features)} features of run {run.id} ({partition})[/]")
-    backend = make_backend(model, endpoint, device=device, api_key_env=api_key_env, settings=run.settings)
     with stage_progress("features", show_fields="{task.fields[requests]} requests") as progress:
-        task = progress.add_task("label", total=len(features), requests=0)
-        progress.update(task, completed=0)
+        task = progress.add_task("label", total=None, requests=0)
+
+        def on_start(n: int) -> None:
+            err_console.print(f"[dim]labelling {n} features of run {run.id} ({partition})[/]")
+            progress.update(task, total=n)
 
         def on_feature(result, requests: int) -> None:  # noqa: ANN001 - LabelResult
             progress.update(task, advance=1, requests=requests)
 
-        summary = label_features(
-            run.analysis_path, cache_path_for(run), backend, features, run_evidence(run, device=device),
-            force=force, on_feature=on_feature,
-        )
-        progress.update(task, completed=len(features))
+        summary = label_run(run, model=model, endpoint=endpoint, partition=partition, limit=limit, device=device,
+                            api_key_env=api_key_env, force=force, on_start=on_start, on_feature=on_feature)
+        progress.update(task, completed=progress.tasks[0].total)
     if as_json:
         typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
         return
