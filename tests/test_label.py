@@ -286,3 +286,15 @@ def test_local_model_scores_from_logits_and_survives_gibberish(labelled_run, tin
     [result] = summary.results
     # An untrained tiny model cannot follow the format: retried once, then unlabelled.
     assert result.status == "malformed" and summary.requests == 2
+
+
+def test_run_label_option_labels_the_top_candidates(labelled_run, server, monkeypatch, capsys):
+    from xdiff_cli.commands.run import label_after_run
+
+    run, evidence_for = labelled_run
+    monkeypatch.setattr(lb, "run_evidence", lambda run, device="cpu", config=None, advance=None: evidence_for)
+    label_after_run(run, model="fake", endpoint=server.url)
+    index = FeatureIndex.open(run.analysis_path)
+    labelled = [f for f in index.features(candidates_only=True, alive_only=True) if f.label_score is not None]
+    assert labelled and index.feature(1).label == "animal names"
+    assert "Mean detection AUC" in capsys.readouterr().out

@@ -33,9 +33,8 @@ def label(
     force: bool = typer.Option(False, "--force", help="Label again features this model already labelled."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
-    from xdiff_cli.console import console, err_console, stage_progress
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.label import PARTITIONS, label_run
+    from xdiff_cli.label import PARTITIONS
     from xdiff_cli.runs import resolve_run
 
     if partition not in PARTITIONS:
@@ -43,24 +42,33 @@ def label(
     if endpoint and not model:
         raise XdiffError("--endpoint needs --model NAME (the model the server should use)")
     run = resolve_run(run_id)
+    summary = label_with_progress(run, model=model, endpoint=endpoint, partition=partition, limit=limit,
+                                  device=device, api_key_env=api_key_env, force=force, show=not as_json)
+    if as_json:
+        typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
+
+
+def label_with_progress(run, *, show: bool = True, **options):  # noqa: ANN001, ANN201 - Run -> LabelSummary
+    """Label a run with a progress bar (features done, requests sent); print the results."""
+    from xdiff_cli.console import console, err_console, stage_progress
+    from xdiff_cli.label import label_run
+
     with stage_progress("features", show_fields="{task.fields[requests]} requests") as progress:
         task = progress.add_task("label", total=None, requests=0)
 
         def on_start(n: int) -> None:
-            err_console.print(f"[dim]labelling {n} features of run {run.id} ({partition})[/]")
+            err_console.print(f"[dim]labelling {n} features of run {run.id} ({options.get('partition')})[/]")
             progress.update(task, total=n)
 
         def on_feature(result, requests: int) -> None:  # noqa: ANN001 - LabelResult
             progress.update(task, advance=1, requests=requests)
 
-        summary = label_run(run, model=model, endpoint=endpoint, partition=partition, limit=limit, device=device,
-                            api_key_env=api_key_env, force=force, on_start=on_start, on_feature=on_feature)
+        summary = label_run(run, on_start=on_start, on_feature=on_feature, **options)
         progress.update(task, completed=progress.tasks[0].total)
-    if as_json:
-        typer.echo(json.dumps(summary.to_json(), ensure_ascii=False))
-        return
-    console.print(summary_table(summary))
-    console.print(summary_line(summary))
+    if show:
+        console.print(summary_table(summary))
+        console.print(summary_line(summary))
+    return summary
 
 
 def _fmt(value: float | None) -> str:
