@@ -194,7 +194,6 @@ def test_retry_that_answers_properly_is_kept(labelled_run):
     ("LABEL: animal names\nDESCRIPTION: Fires on animals.", ("animal names", "Fires on animals.")),
     ("**Label:** \"colour words\".\n\n**Description:** colours", ("colour words", "colours")),
     ("LABEL: colour words", None),
-    ("LABEL: Plural nouns for tools.\nDESCRIPTION: copied the example", None),
     ("LABEL: one two three four five six seven eight nine\nDESCRIPTION: x", None),
     ("LABEL: <a short label of at most 8 words>", None),
     ("animals, I think", None),

@@ -250,16 +250,13 @@ EXPLAIN_SYSTEM = (
     "feature of a language model's internal activations fires, and explain in plain words what "
     "the feature detects."
 )
-LABEL_EXAMPLE = "plural nouns for tools"  # shown as the format; a reply copying it is malformed
 EXPLAIN_INSTRUCTIONS = (
     "Tokens where the feature fires are marked <<like this>>. After each excerpt, the marked tokens "
     "are listed with their activation level, from 1 (weak) to 9 (the strongest seen).\n"
     "Look at the marked tokens and their context: what do they have in common? Be specific.\n"
-    "Answer in exactly two lines and nothing else: a line starting with LABEL: and a short label "
-    "of at most 8 words, then a line starting with DESCRIPTION: and one sentence saying when the "
-    "feature fires. The format (for some other feature) looks like this:\n"
-    f"LABEL: {LABEL_EXAMPLE}\n"
-    "DESCRIPTION: Fires on the plural of tool names, such as hammers or saws."
+    "Answer in exactly two lines and nothing else: first a line starting with LABEL: and a short "
+    "label of at most 8 words, then a line starting with DESCRIPTION: and one sentence saying "
+    "when the feature fires."
 )
 RETRY_MESSAGE = (
     "That was not in the required format. Answer in exactly two lines: LABEL: followed by at most "
@@ -324,7 +321,7 @@ def parse_explanation(reply: str) -> tuple[str, str] | None:
     if not match:
         return None
     label = match.group(1).strip().rstrip(".").strip().strip("\"'`").strip().rstrip(".")
-    if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label or label.lower() == LABEL_EXAMPLE:
+    if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label:
         return None
     described = _DESCRIPTION_LINE.search(reply)
     description = described.group(1).strip().strip("\"'`").strip() if described else ""
@@ -407,13 +404,24 @@ class LocalChatModel:
     def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
         import torch
 
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tok = self.loaded.tokenizer
         ids = self._input_ids(messages, prefill)
+        start = ids.shape[1]
+
+        class AnswerComplete(StoppingCriteria):
+            """Stop once a DESCRIPTION line has ended: small models ramble on otherwise."""
+
+            def __call__(self, input_ids, scores, **kwargs) -> bool:  # noqa: ANN001, ANN003
+                return bool(_FINISHED.search(prefill + tok.decode(input_ids[0, start:], skip_special_tokens=True)))
+
         with torch.no_grad():
             out = self.loaded.model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                pad_token_id=self.loaded.tokenizer.pad_token_id,
+                pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([AnswerComplete()]),
             )
-        return prefill + self.loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return prefill + tok.decode(out[0, start:], skip_special_tokens=True)
 
     def p_yes(self, messages: Messages) -> float:
         """P(yes) / (P(yes) + P(no)) over the next token, summed over Yes/No spellings."""
@@ -426,6 +434,9 @@ class LocalChatModel:
         yes = float(probs[sorted(self._yes)].sum())
         no = float(probs[sorted(self._no)].sum())
         return 0.5 if yes + no <= 0 else yes / (yes + no)
+
+
+_FINISHED = re.compile(r"description\s*:[^\n]*\S[^\n]*\n", re.IGNORECASE)
 
 
 class OpenAIEndpoint:
