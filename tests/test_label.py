@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from xdiff_cli import label as lb
 from xdiff_cli.cli import app
-from xdiff_cli.errors import XdiffError
 from xdiff_cli.feature_index import FeatureIndex
 
 CONFIG = lb.LabelConfig(n_top=4, n_quantile=4, n_quantiles=2, n_score=5, max_new_tokens=48)

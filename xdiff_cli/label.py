@@ -182,6 +182,15 @@ def _cut_window(rows: _ShardRows, column: int, row: int, view: str, cfg: LabelCo
     return Window(text, token_acts)
 
 
+def _locate(shards: list[_ShardRows], flat: int) -> tuple[int, int]:
+    """(shard, row) of the `flat`-th token pair of the split."""
+    for s, rows in enumerate(shards):
+        if flat < len(rows.doc_id):
+            return s, flat
+        flat -= len(rows.doc_id)
+    raise IndexError(flat)
+
+
 def _feature_evidence(feature_id, view, column, shards, text_of, cfg: LabelConfig, rng) -> FeatureEvidence:  # noqa: ANN001
     import torch
 
@@ -226,11 +235,8 @@ def _feature_evidence(feature_id, view, column, shards, text_of, cfg: LabelConfi
     for _ in range(40 * cfg.n_score):
         if len(negatives) >= len(held_out) or total == 0:
             break
-        flat = rng.randrange(total)
-        for s, rows in enumerate(shards):
-            if flat < len(rows.doc_id):
-                break
-            flat -= len(rows.doc_id)
+        s, flat = _locate(shards, rng.randrange(total))
+        rows = shards[s]
         key = (s, rows.doc_id[flat])
         if key in seen_docs:
             continue
@@ -403,7 +409,6 @@ class LocalChatModel:
 
     def complete(self, messages: Messages, max_tokens: int, prefill: str = "") -> str:
         import torch
-
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tok = self.loaded.tokenizer
