@@ -130,7 +130,8 @@ def test_prompt_marks_firing_tokens_with_activation_levels(labelled_run, server)
     marked = set(re.findall(r"<<([^>]+)>>", examples))
     assert marked and marked <= set(ANIMALS)
     assert "Activations: " in prompt and " 9" in prompt  # the strongest token is level 9
-    assert "LABEL:" in prompt and server.requests[0]["temperature"] == 0
+    assert "LABEL:" in server.explanation_requests()[0]["messages"][0]["content"]
+    assert server.requests[0]["temperature"] == 0
 
 
 def test_matching_label_beats_the_shuffled_baseline(labelled_run, server):

@@ -252,14 +252,11 @@ def _feature_evidence(feature_id, view, column, shards, text_of, cfg: LabelConfi
 # --- prompts ------------------------------------------------------------------------------
 
 EXPLAIN_SYSTEM = (
-    "You are a meticulous interpretability researcher. You look at text excerpts on which one "
+    "You are a meticulous interpretability researcher. You are shown text excerpts on which one "
     "feature of a language model's internal activations fires, and explain in plain words what "
-    "the feature detects."
-)
-EXPLAIN_INSTRUCTIONS = (
-    "Tokens where the feature fires are marked <<like this>>. After each excerpt, the marked tokens "
-    "are listed with their activation level, from 1 (weak) to 9 (the strongest seen).\n"
-    "Look at the marked tokens and their context: what do they have in common? Be specific.\n"
+    "the feature detects. Tokens where it fires are marked <<like this>>; after each excerpt the "
+    "marked tokens are listed with their activation level, from 1 (weak) to 9 (the strongest seen). "
+    "Look at the marked tokens and their context: what do they have in common? Be specific. "
     "Answer in exactly two lines and nothing else: first a line starting with LABEL: and a short "
     "label of at most 8 words, then a line starting with DESCRIPTION: and one sentence saying "
     "when the feature fires."
@@ -305,7 +302,8 @@ def explanation_prompt(evidence: FeatureEvidence) -> Messages:
         marked, levels = mark_window(window, top)
         listed = ", ".join(f"{json.dumps(token, ensure_ascii=False)} {level}" for token, level in levels)
         blocks.append(f"Example {i}:\n{marked.strip()}\nActivations: {listed}")
-    user = EXPLAIN_INSTRUCTIONS + "\n\n" + "\n\n".join(blocks) + "\n\nYour answer (LABEL and DESCRIPTION lines):"
+    # Instructions in the system message, examples last: small models otherwise echo the format.
+    user = "\n\n".join(blocks) + "\n\nWhat do the marked tokens have in common?"
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
 
 
