@@ -46,7 +46,12 @@ def main() -> None:
     parser.add_argument("--n-score", type=int, default=lb.LabelConfig.n_score)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=5, help="labels printed with their examples")
+    parser.add_argument("--oracle", nargs=2, metavar=("LABEL", "CONTROL"), default=None,
+                        help="instead of explaining: score a hand-written LABEL and a CONTROL label on the "
+                             "held-out texts of the top --per-side B-exclusive features (checks the scorer)")
     args = parser.parse_args()
+    if args.oracle:
+        return oracle(args)
 
     source = resolve_run(args.run)
     with tempfile.TemporaryDirectory(prefix="xdiff-label-bench-") as tmp:
@@ -100,6 +105,34 @@ def main() -> None:
                 text = (e.text[: e.start] + "«" + e.text[e.start : e.end] + "»" + e.text[e.end :]).replace("\n", " ")
                 print(f"    {text[-90:]!r}")
         index.close()
+
+
+def oracle(args) -> None:  # noqa: ANN001 - argparse.Namespace
+    """Detection AUC of a known-right label vs a known-wrong one (scorer check, no explainer)."""
+    source = resolve_run(args.run)
+    started = time.perf_counter()
+    backend = lb.make_backend(args.model, None, device=args.device, settings=source.settings)
+    load_s = time.perf_counter() - started
+    config = lb.LabelConfig(n_score=args.n_score)
+    features = lb.select_features(source.analysis_path, "b", args.per_side)
+    evidence = lb.run_evidence(source, device=args.device, config=config)(features)
+    label, control = args.oracle
+    print(f"run {source.id} · scorer {backend.name} (loaded in {load_s:.1f} s) · oracle {label!r} vs control {control!r}")
+    rows = []
+    for feature_id, _ in features:
+        ev = evidence[feature_id]
+        scored = [(w.text, True) for w in ev.held_out] + [(w.text, False) for w in ev.negatives]
+        t0 = time.perf_counter()
+        right = lb.detection_scores(backend, label, "", scored)
+        wrong = lb.detection_scores(backend, control, "", scored)
+        seconds = time.perf_counter() - t0
+        rows.append((right[0], wrong[0]))
+        top = ev.explain[0]
+        fired = [top.text[s:e] for s, e, a in top.token_acts if a > 0]
+        print(f"#{feature_id}: {len(scored)} texts, AUC {_f(right[0])} (bal.acc {_f(right[1])}) vs control "
+              f"{_f(wrong[0])} (bal.acc {_f(wrong[1])}); {seconds / max(1, 2 * len(scored)):.2f} s per scored text; "
+              f"top tokens {fired[:4]}")
+    print(f"mean AUC {_f(lb._mean([r for r, _ in rows]))} vs control {_f(lb._mean([w for _, w in rows]))}")
 
 
 def _f(value: float | None) -> str:
