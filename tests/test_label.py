@@ -85,7 +85,8 @@ def labelled_run(sparse_analysis):
     store, crosscoder, analysis = sparse_analysis
     run = Run.create(RunSettings(model_a="org/model-a", model_b="org/model-b", dict_size=20, k=2), name="label-run")
     shutil.copyfile(analysis, run.analysis_path)
-    run.mark_stage("analyze", "done")
+    for stage in ("pull", "harvest", "train", "analyze"):
+        run.mark_stage(stage, "done")
 
     def evidence_for(todo):
         return lb.collect_evidence(crosscoder, store, store, todo, CONFIG)

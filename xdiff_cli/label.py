@@ -828,11 +828,10 @@ def make_backend(model: str | None, endpoint: str | None, *, device: str = "auto
         return OpenAIEndpoint(endpoint, model, api_key_env=api_key_env)
     spec = model or DEFAULT_LOCAL_MODEL
     from xdiff_cli.loading import load_model
-    from xdiff_cli.pipeline import fetch
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.pull import fetch
 
-    settings = settings or RunSettings(model_a=spec, model_b=spec)
-    _, path, _, _ = fetch(spec, settings, token=None)
+    fetched = fetch(spec, allow_pickle_weights=bool(getattr(settings, "allow_pickle_weights", False)))
+    path = fetched.path
     return LocalChatModel(load_model(path, device=device), name=backend_name(spec, None))
 
 

@@ -33,15 +33,15 @@ def label(
     force: bool = typer.Option(False, "--force", help="Label again features this model already labelled."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.label import PARTITIONS
-    from xdiff_cli.runs import resolve_run
 
     if partition not in PARTITIONS:
         raise XdiffError(f"unknown partition {partition!r}", "use a, b, candidates or all")
     if endpoint and not model:
         raise XdiffError("--endpoint needs --model NAME (the model the server should use)")
-    run = resolve_run(run_id)
+    run = pick_run(run_id, needs="analyze")
     summary = label_with_progress(run, model=model, endpoint=endpoint, partition=partition, limit=limit,
                                   device=device, api_key_env=api_key_env, force=force, show=not as_json)
     if as_json:
