@@ -189,16 +189,25 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
     if not infos:
         console.print("no runs yet — start one with `xdiff run MODEL_A MODEL_B` (or `xdiff run --preset tiny`)")
         return
-    table = Table()
-    for col in ("id", "models", "created", "stage", "FVE A/B", "disk"):
-        table.add_column(col, justify="right" if col == "disk" else "left")
+    from rich import box
+
+    # ids and numbers never wrap or truncate; the model names fold, and below 100 columns the
+    # creation time (the id starts with it by default) makes room.
+    columns = ("id", "models", "created", "stage", "FVE A/B", "disk")
+    if console.width < 100:
+        columns = tuple(c for c in columns if c != "created")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for col in columns:
+        table.add_column(col, justify="right" if col == "disk" else "left", no_wrap=col != "models",
+                         overflow="fold", min_width=12 if col == "models" else None)
     for info in infos:
         m = info["metrics"]
         fve_a, fve_b = m.get("eval_fve_a", m.get("fve_a")), m.get("eval_fve_b", m.get("fve_b"))
         fve = f"{fve_a:.3f}/{fve_b:.3f}" if fve_a is not None and fve_b is not None else "-"
         models = f"{info['models']['a']}\nvs {info['models']['b']}"
-        table.add_row(info["id"], models, (info["created"] or "")[:19].replace("T", " "), info["stage"], fve,
-                      pipeline.format_bytes(info["disk_bytes"]))
+        cells = {"id": info["id"], "models": models, "created": (info["created"] or "")[:19].replace("T", " "),
+                 "stage": info["stage"], "FVE A/B": fve, "disk": pipeline.format_bytes(info["disk_bytes"])}
+        table.add_row(*(cells[c] for c in columns))
     console.print(table)
 
 
@@ -242,7 +251,8 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         return
     table = Table()
     for col in ("name", "models", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name", overflow="fold",
+                         min_width=max((len(p.name) for p in found), default=4) if col == "name" else None)
     for p in found:
         table.add_row(p.name, f"{p.model_a}\nvs {p.model_b}", escape(p.description))
     console.print(table)

@@ -33,6 +33,21 @@ def parse_features(specs: list[str], scale: float | None) -> list[tuple[int, flo
     return features
 
 
+def check_features_fire(index, features: list[tuple[int, float]]) -> None:  # noqa: ANN001 - FeatureIndex
+    """Refuse, before any model loads, to steer a feature that never fired: its s_max is 0,
+    so every α adds a zero vector and the two answers would be identical."""
+    from xdiff_cli.errors import XdiffError
+
+    for feature_id, _ in features:
+        feature = index.feature(feature_id)  # out of range: a one-line error
+        if not feature.alive or feature.max_activation <= 0:
+            block = {"a": "a", "b": "b"}.get(feature.partition, "shared")
+            raise XdiffError(
+                f"feature {feature_id} never fired on the analysed tokens (s_max = 0): steering it changes nothing",
+                f"pick a live one from `xdiff features --partition {block}`",
+            )
+
+
 def _steered_label(features: list[tuple[int, float]]) -> str:
     return ", ".join(f"#{f} × {s:+g}" for f, s in features)
 
@@ -74,6 +89,7 @@ def steer(
 
     features = parse_features(feature, scale)
     steerer = Steerer(resolve_run(run_id), device=device, quant=quant)
+    check_features_fire(steerer.index, features)
     sides = steerer.sides_for(features, model)
 
     def progress(message: str) -> None:
