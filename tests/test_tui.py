@@ -41,7 +41,8 @@ async def test_single_run_opens_on_the_a_exclusive_features_in_rank_order():
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert isinstance(app.screen, FeaturesScreen)
-        assert app.screen.sub_title == "demo-run"
+        # the run and both model names are on screen from the start
+        assert app.screen.sub_title == "demo-run · A org/model-a vs B org/model-b"
         ids = listed_ids(app)
         assert sorted(ids) == list(range(N_EXCLUSIVE))
         ranks = [app.screen.index.feature(i).rank for i in ids]
@@ -96,16 +97,16 @@ async def test_sort_key_cycles_and_header_click_sorts_by_that_column():
 
 async def test_incremental_search_narrows_the_list_as_you_type():
     make_analysed_run()
-    app = XdiffApp()
+    app = XdiffApp(search_debounce=0)  # no timer to wait for: every keystroke queries
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await pilot.press("4", "slash")
         assert app.screen.query_one("#search", Input).has_focus
         await pilot.press(*"glacier")
-        await pilot.pause(0.5)  # past the debounce
+        await pilot.pause()
         assert listed_ids(app) == [CONCEPTS.index("glacier")]
         await pilot.press(*"xyz")
-        await pilot.pause(0.5)
+        await pilot.pause()
         assert listed_ids(app) == []
         assert "No feature matches" in static_text(app.screen, "#detail-stats")
 
@@ -295,7 +296,7 @@ async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_p
     async with app.run_test(size=SIZE) as pilot:
         screen = await _open_steer_screen(pilot, app, 2)  # A-exclusive: steers model A
         original_append = screen._append
-        screen._append = lambda stream, piece: (streamed.append((stream, piece)), original_append(stream, piece))
+        screen._append = lambda side, stream, piece: (streamed.append((stream, piece)), original_append(side, stream, piece))
         await pilot.press(*"the cat", "tab", *["down"] * 8)  # in the scale box: α +4 -> -4
         assert screen.scale_input.value == "-4"
         await pilot.press("enter")
@@ -303,10 +304,11 @@ async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_p
         result = screen.last_result
         assert result is not None and not result.stopped and result.model == "a"
         assert result.features == [(2, -4.0)]
-        baseline = screen.query_one("#pane-baseline", StreamPane)
-        steered = screen.query_one("#pane-steered", StreamPane)
+        baseline = screen.query_one("#pane-a-baseline", StreamPane)
+        steered = screen.query_one("#pane-a-steered", StreamPane)
         assert baseline.text == result.baseline and steered.text == result.steered
-        assert steered.border_title == "steered (feature 2 × -4)"
+        assert steered.border_title == "model A steered (feature 2 × -4)"
+        assert not screen.query_one("#steer-panes-b").display  # A-exclusive: one model only
         assert {s for s, _ in streamed} == {"baseline", "steered"}
         assert "".join(p for s, p in streamed if s == "baseline") == result.baseline
         assert result.kl is not None and "KL" in static_text(screen, "#steer-status")
@@ -324,8 +326,8 @@ async def test_escape_stops_generation_then_leaves_the_chat(tiny_models, tmp_pat
         screen = await _open_steer_screen(pilot, app, 3)
         original_append = screen._append
 
-        def append_then_escape(stream: str, piece: str) -> None:
-            original_append(stream, piece)
+        def append_then_escape(side: str, stream: str, piece: str) -> None:
+            original_append(side, stream, piece)
             if not screen.cancel_event.is_set():
                 screen.action_cancel_or_back()  # what Esc does, right after the first piece
 
@@ -333,7 +335,7 @@ async def test_escape_stops_generation_then_leaves_the_chat(tiny_models, tmp_pat
         await pilot.press(*"the cat", "enter")
         await _wait_until_done(pilot, screen)
         assert screen.last_result.stopped
-        assert screen.query_one("#pane-steered", StreamPane).text == ""  # never started
+        assert screen.query_one("#pane-a-steered", StreamPane).text == ""  # never started
         assert "stopped" in static_text(screen, "#steer-status")
         await pilot.press("escape")  # not generating: Esc goes back to the features
         await pilot.pause()
@@ -347,13 +349,13 @@ async def test_plus_minus_keys_change_the_scale_and_the_steered_title():
     app = XdiffApp()
     async with app.run_test(size=SIZE) as pilot:
         screen = await _open_steer_screen(pilot, app, 3)
-        screen.query_one("#pane-steered", StreamPane).focus()
+        screen.query_one("#pane-a-steered", StreamPane).focus()
         await pilot.press("plus")
         assert screen.scale_input.value == "+5"
         await pilot.press("minus", "minus", "minus")
         await pilot.pause()
         assert screen.scale_input.value == "+2"
-        assert screen.query_one("#pane-steered", StreamPane).border_title == "steered (feature 3 × +2)"
+        assert screen.query_one("#pane-a-steered", StreamPane).border_title == "model A steered (feature 3 × +2)"
         await pilot.press("ctrl+r")  # no prompt yet: says so instead of generating
         assert not screen.generating
         assert "Type a prompt first" in static_text(screen, "#steer-status")

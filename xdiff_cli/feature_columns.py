@@ -2,7 +2,7 @@
 
 One `FeatureColumn` per column: its header, a fixed width, how a value prints, and the
 `FeatureIndex` sort key a header click uses. Adding a column (a verdict, a label, …) is one
-entry in `FEATURE_COLUMNS`; both the CLI table and the TUI pick it up.
+entry in `LIST_COLUMNS`; both the CLI table and the TUI pick it up.
 
 Numbers are formatted for their range (a frequency of 2.1e-5 prints as "<.01%", not
 "2.10e-…"), so every column keeps a fixed width and only the example text shrinks when the
@@ -72,7 +72,7 @@ class FeatureColumn:
     justify: str = "right"
 
 
-FEATURE_COLUMNS: list[FeatureColumn] = [
+LIST_COLUMNS: list[FeatureColumn] = [
     FeatureColumn("id", "id", 5, lambda f: str(f.id), sort="id"),
     FeatureColumn("partition", "model", 5, lambda f: PARTITION_SHORT[f.partition], justify="left"),
     FeatureColumn("rel_norm", "R", 4, lambda f: f"{f.rel_norm:.2f}", sort="rel_norm"),
@@ -85,7 +85,7 @@ FEATURE_COLUMNS: list[FeatureColumn] = [
 
 
 def column(key: str) -> FeatureColumn:
-    return next(c for c in FEATURE_COLUMNS if c.key == key)
+    return next(c for c in LIST_COLUMNS if c.key == key)
 
 
 # --- what the user may type for --partition and --sort (case-insensitive, with the aliases the

@@ -184,27 +184,27 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
 def features_table(index, rows, title: str = "", width: int | None = None):  # noqa: ANN001, ANN201
     """The feature list as a rich Table that fits `width` (default: the console's).
 
-    Every `FEATURE_COLUMNS` column keeps its fixed width; the example column gets what is
+    Every `LIST_COLUMNS` column keeps its fixed width; the example column gets what is
     left and is dropped below MIN_EXAMPLE_WIDTH, so id and model are always visible."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     from xdiff_cli.console import console
-    from xdiff_cli.feature_columns import FEATURE_COLUMNS
+    from xdiff_cli.feature_columns import LIST_COLUMNS
 
     width = width or console.width
-    fixed = sum(c.width + 1 for c in FEATURE_COLUMNS)  # the box puts one space between columns
+    fixed = sum(c.width + 1 for c in LIST_COLUMNS)  # the box puts one space between columns
     example_width = width - fixed
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
                   show_edge=False, padding=0, expand=False)
-    for c in FEATURE_COLUMNS:
+    for c in LIST_COLUMNS:
         table.add_column(c.header, justify=c.justify, width=c.width, no_wrap=True, overflow="ellipsis")
     if example_width >= MIN_EXAMPLE_WIDTH:
         table.add_column("top example", no_wrap=True, overflow="ellipsis", width=example_width)
     for feature in rows:
         cells = [Text(c.value(feature), style=PARTITION_STYLE[feature.partition] if c.key == "partition" else "")
-                 for c in FEATURE_COLUMNS]
+                 for c in LIST_COLUMNS]
         if example_width >= MIN_EXAMPLE_WIDTH:
             top = index.examples(feature.id, view=feature.own_view, limit=1)
             example = snippet(top[0], example_width - 2) if top else Text("—", style="dim")

@@ -24,9 +24,10 @@ class XdiffApp(App):
         Binding("ctrl+q", "quit", "Quit", show=False),
     ]
 
-    def __init__(self, run_id: str | None = None) -> None:
+    def __init__(self, run_id: str | None = None, search_debounce: float | None = None) -> None:
         super().__init__()
         self.run_id = run_id
+        self.search_debounce = search_debounce  # None: the screen's default; tests pass 0
 
     def on_mount(self) -> None:
         self.start()
@@ -62,7 +63,8 @@ class XdiffApp(App):
             screen = EmptyStateScreen(*unanalysed_message(run), run=run)
         else:
             try:
-                screen = FeaturesScreen(run, FeatureIndex.open(run.analysis_path))
+                options = {} if self.search_debounce is None else {"search_debounce": self.search_debounce}
+                screen = FeaturesScreen(run, FeatureIndex.open(run.analysis_path), **options)
             except XdiffError as exc:
                 screen = EmptyStateScreen(f"Run {run.id} cannot be opened", str(exc), run=run)
         if not replace and isinstance(self.screen, RunPickerScreen):
