@@ -231,7 +231,10 @@ def model_facts(spec: str) -> ModelFacts:
 
         return _config_facts(spec, fetch_metadata(spec))
     except XdiffError:
-        return ModelFacts(spec)  # unknown until pulled; pull reports the real problem
+        from xdiff_cli.presets import shipped_config_dir
+
+        shipped = shipped_config_dir(spec)  # offline: the facts shipped for preset models
+        return _config_facts(spec, shipped) if shipped else ModelFacts(spec)  # else pull reports the problem
     except (OSError, ValueError, json.JSONDecodeError):
         return ModelFacts(spec)
 
@@ -314,8 +317,9 @@ def _short(spec: str) -> str:
     return spec.rstrip("/").split("/")[-1] or spec
 
 
-def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None) -> Plan:
-    """Everything known before downloading weights; raises when the models cannot fit."""
+def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None, check: bool = True) -> Plan:
+    """Everything known before downloading weights; raises when the models cannot fit
+    (with `check=False`, for --dry-run, that becomes one of the plan's warnings)."""
     hardware = hardware or detect_hardware()
     settings = resolved.settings
     facts_a, facts_b = model_facts(settings.model_a), model_facts(settings.model_b)
@@ -325,7 +329,12 @@ def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None) -> P
         precision = settings.quant if settings.quant != "auto" else "decided after download"
         notes.append("model configs not reachable yet: precision and estimates are settled after the pull")
     else:
-        memory.check()
+        try:
+            memory.check()
+        except XdiffError as exc:
+            if check:
+                raise
+            warnings.append(str(exc))
         precision = ", ".join(dict.fromkeys(m.label for m in memory.models)) + f" ({memory.dtype})"
         notes += memory.notes
         if settings.dict_size is None and memory.dict_size != planner_default_dict_size(facts_a, facts_b):

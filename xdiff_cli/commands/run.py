@@ -64,11 +64,21 @@ def run(
     resolved = pipeline.resolve_settings(model_a, model_b, preset_name=preset, options=options, hardware=hardware)
     for warning in resolved.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    plan = pipeline.make_plan(resolved, hardware)
+    plan = pipeline.make_plan(resolved, hardware, check=not dry_run)
     existing = pipeline.find_run(plan.settings, name=name, new=new)
     done_store = paths.dir_bytes(existing.store_dir) if existing is not None else 0
-    pipeline.check_inputs(plan, done_store_bytes=done_store)
+    try:
+        pipeline.check_inputs(plan, done_store_bytes=done_store)
+    except XdiffError as exc:
+        if not dry_run:
+            raise
+        plan.warnings.append(str(exc))  # --dry-run shows every problem with the plan, then stops
     print_plan(plan)
+    for warning in [w for w in plan.warnings if w not in resolved.warnings]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    infeasible = feasibility_warning(plan)
+    if infeasible:
+        console.print(f"[yellow]warning:[/] {infeasible}")
     if dry_run:
         return
     if existing is not None and pipeline.is_complete(existing) and restart_from is None:
@@ -92,6 +102,23 @@ def run(
     pipeline.execute(run_, pipeline.StageContext(plan), on_stage=header)
     console.rule("[bold]done", align="left")
     print_summary(pipeline.summarize(run_))
+
+
+FEASIBLE_SECONDS = 2 * 24 * 3600  # more compute than this on this machine is "not feasible here"
+
+
+def feasibility_warning(plan) -> str | None:  # noqa: ANN001 - pipeline.Plan
+    """A plain warning when the plan's compute estimate is days on this machine (e.g. 100M
+    tokens of an 8B pair on a CPU), with the estimate and what to change."""
+    from xdiff_cli.pipeline import format_duration
+
+    known = [v for v in plan.time_seconds().values() if v is not None]
+    if not known or sum(known) <= FEASIBLE_SECONDS:
+        return None
+    s = plan.settings
+    return (f"{s.tokens:,} token pairs of this pair is not feasible here: {format_duration(sum(known))} "
+            f"of compute on {plan.hardware.describe()} — use a GPU (`xdiff plan {s.model_a} {s.model_b} "
+            f"--gpu-memory 24` shows the fit), fewer --tokens/--steps, or a smaller pair (`--preset small`)")
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
