@@ -124,18 +124,35 @@ def token_effects(crosscoder_dir: Path, model_dir: Path, feature: int, side: str
     )
 
 
+def _model_dir(run: Any, side: str) -> Path:
+    info = run.record.get("models", {}).get(side) or {}
+    return Path(str(info.get("path") or getattr(run.settings, f"model_{side}"))).expanduser()
+
+
+def unavailable_reason(run: Any, side: str) -> str | None:
+    """Why effects cannot be computed for `side`, from cheap file checks (None: they can)."""
+    if not (run.crosscoder_dir / "final" / "model.safetensors").is_file():
+        return "no trained crosscoder in this run"
+    if not (_model_dir(run, side) / "config.json").is_file():
+        return f"model {side.upper()} is not downloaded here (`xdiff pull` it to see its tokens)"
+    return None
+
+
+def sides_reading(partition: str) -> tuple[str, ...]:
+    return ("a", "b") if partition == "shared" else (partition,)
+
+
 def effects_for_run(run: Any, feature: int, partition: str, k: int = 8) -> dict[str, TokenEffects | str]:
     """Per model that reads the feature ('a' for A-exclusive, both for shared): its effects,
     or a one-line reason why they cannot be shown (model not downloaded, …)."""
-    sides = ("a", "b") if partition == "shared" else (partition,)
     out: dict[str, TokenEffects | str] = {}
-    for side in sides:
-        info = run.record.get("models", {}).get(side) or {}
-        model_dir = Path(str(info.get("path") or getattr(run.settings, f"model_{side}"))).expanduser()
+    for side in sides_reading(partition):
+        reason = unavailable_reason(run, side)
+        if reason is not None:
+            out[side] = reason
+            continue
         try:
-            if not (model_dir / "config.json").is_file():
-                raise XdiffError(f"model {side.upper()} is not downloaded here")
-            out[side] = token_effects(run.crosscoder_dir / "final", model_dir, feature, side, k=k)
+            out[side] = token_effects(run.crosscoder_dir / "final", _model_dir(run, side), feature, side, k=k)
         except XdiffError as exc:
             out[side] = str(exc)
     return out

@@ -194,6 +194,12 @@ class FeaturesScreen(Screen):
         if feature.id in self._effects:
             self.detail.effects = self._effects[feature.id]
             return
+        from xdiff_cli.token_effects import sides_reading, unavailable_reason
+
+        reasons = {side: unavailable_reason(self.run, side) for side in sides_reading(feature.partition)}
+        if all(reasons.values()):  # nothing to compute: say why at once, no worker
+            self._effects_ready(feature.id, reasons)
+            return
         self.compute_effects(feature.id, feature.partition)
 
     @work(thread=True, exclusive=True, group="token-effects")

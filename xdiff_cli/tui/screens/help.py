@@ -29,7 +29,7 @@ FEATURE_KEYS = (
 STEER_KEYS = (
     ("enter", "generate the unsteered and the steered answer side by side"),
     ("↑ ↓", "change α by 1 (default +4); + and - too, outside the prompt"),
-    ("m", "shared features: steer both models (default, as `xdiff steer`), only A, or only B"),
+    ("ctrl+o", "shared features: steer both models (default, as `xdiff steer`), only A, or only B"),
     ("esc", "stop generating; again to go back"),
 )
 STEER_NOTE = (

@@ -1,7 +1,7 @@
 """The steering chat: one prompt, the unsteered and the steered answer streaming side by side.
 
 A shared feature is steered in both models by default, as `xdiff steer` does (one row of
-panes per model); `m` cycles both → A → B. Exclusive features steer their own model.
+panes per model); ctrl+o cycles both → A → B. Exclusive features steer their own model.
 Generation runs in a thread worker (torch blocks); tokens reach the panes through
 `app.call_from_thread`. Esc sets an Event that the generator polls between tokens.
 """
@@ -45,7 +45,7 @@ class SteerScreen(Screen):
         Binding("down", "nudge(-1)", "α-1", show=False),
         Binding("plus,equals_sign", "nudge(1)", "α+1"),
         Binding("minus", "nudge(-1)", "α-1"),
-        Binding("m", "cycle_models", "Models"),
+        Binding("ctrl+o", "cycle_models", "Models"),  # a letter would be typed into the prompt
         Binding("ctrl+r", "generate", "Run"),
         Binding("question_mark", "app.help", "Help", show=False),
     ]
@@ -113,7 +113,7 @@ class SteerScreen(Screen):
         for side in ("a", "b"):
             self.query_one(f"#steer-panes-{side}").display = side in sides
         names = " and ".join(side.upper() for side in sides)
-        choice = "  (m: both / A / B)" if len(model_choices(self.feature)) > 1 else ""
+        choice = "  (ctrl+o: both / A / B)" if len(model_choices(self.feature)) > 1 else ""
         self.query_one("#steer-heading", Static).update(f"{self._heading()} · steering model {names}{choice}")
 
     # --- input -----------------------------------------------------------------------
