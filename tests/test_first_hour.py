@@ -320,3 +320,28 @@ def test_json_contract_is_documented_in_the_repository():
         assert field in doc
     readme = (REPO / "README.md").read_text()
     assert "docs/JSON.md" in readme and "DESIGN.md" not in readme
+
+
+# --- 12. examples from below the top ------------------------------------------------------------
+
+
+def test_weaker_firings_are_sampled_per_activation_band():
+    from analysis_fixtures import ANIMALS, FakeStore, hand_built_crosscoder
+
+    from xdiff_cli.quantile_examples import quantile_examples
+
+    run = make_analysed_run()
+    index = FeatureIndex.open(run.analysis_path)
+    feature = index.feature(1)  # B-exclusive: animal words
+    index.close()
+    store = FakeStore()
+    bands = quantile_examples(hand_built_crosscoder(), store, store, 1, feature.max_activation, per_band=3)
+    assert [(b.low, b.high) for b in bands] == [(0.5, 0.75), (0.25, 0.5), (0.0, 0.25)]
+    assert sum(b.n_fires for b in bands) <= feature.n_fires and bands[0].n_fires > 3
+    for band in bands:
+        assert len(band.examples) == min(3, band.n_fires)
+        for example in band.examples:
+            assert band.low * feature.max_activation <= example.activation < band.high * feature.max_activation
+            assert example.text[example.start : example.end] in ANIMALS and example.view == "b"
+    again = quantile_examples(hand_built_crosscoder(), store, store, 1, feature.max_activation, per_band=3)
+    assert [e.text for b in again for e in b.examples] == [e.text for b in bands for e in b.examples]  # seeded

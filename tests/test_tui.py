@@ -563,3 +563,19 @@ async def test_shared_feature_chat_generates_in_both_models_like_the_cli(tiny_mo
             assert screen.query_one(f"#pane-{result.model}-steered", StreamPane).text == result.steered
     # `xdiff steer` steers both models of a shared feature too
     assert Steerer(run).sides_for([(20, 4.0)]) == ["a", "b"]
+
+
+async def test_x_asks_for_weaker_firings_and_says_why_a_run_without_a_store_has_none():
+    import time
+
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "x: sample examples" in static_text(app.screen, "#detail-quantiles")
+        await pilot.press("x")
+        detail = app.screen.query_one(FeatureDetail)
+        deadline = time.monotonic() + 20
+        while (detail.quantiles is None or "sampling" in str(detail.quantiles)) and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        assert "no activation store" in static_text(app.screen, "#detail-quantiles")

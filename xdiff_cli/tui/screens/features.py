@@ -39,6 +39,7 @@ class FeaturesScreen(Screen):
         Binding("slash", "focus_search", "Search"),
         Binding("o", "cycle_sort", "Sort"),
         Binding("v", "toggle_view", "A/B view"),
+        Binding("x", "weaker_examples", "Weaker", show=False),
         Binding("s", "steer", "Steer"),
         Binding("r", "app.switch_run", "Runs"),
         Binding("question_mark", "app.help", "Help"),
@@ -211,6 +212,31 @@ class FeaturesScreen(Screen):
         except Exception as exc:  # noqa: BLE001 - a failed lookup must not take the UI down
             effects = {side: f"unavailable: {exc}" for side in (("a", "b") if partition == "shared" else (partition,))}
         self.app.call_from_thread(self._effects_ready, feature_id, effects)
+
+    def action_weaker_examples(self) -> None:
+        feature = self.detail.feature
+        if feature is None or not feature.alive:
+            self.notify("Select a feature that fires first.", severity="warning")
+            return
+        self.detail.quantiles = "sampling weaker firings over the held-out tokens…"
+        self.compute_quantiles(feature.id, feature.max_activation)
+
+    @work(thread=True, exclusive=True, group="quantiles")
+    def compute_quantiles(self, feature_id: int, s_max: float) -> None:
+        from xdiff_cli.errors import XdiffError
+        from xdiff_cli.quantile_examples import quantile_examples_for_run
+
+        try:
+            result: Any = quantile_examples_for_run(self.run, feature_id, s_max)
+        except XdiffError as exc:
+            result = f"unavailable: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a failed lookup must not take the UI down
+            result = f"unavailable: {type(exc).__name__}: {exc}"
+        self.app.call_from_thread(self._quantiles_ready, feature_id, result)
+
+    def _quantiles_ready(self, feature_id: int, result: Any) -> None:
+        if self.detail.feature is not None and self.detail.feature.id == feature_id:
+            self.detail.quantiles = result
 
     def _effects_ready(self, feature_id: int, effects: dict[str, Any]) -> None:
         self._effects[feature_id] = effects

@@ -21,6 +21,7 @@ FEATURE_KEYS = (
     ("o", "cycle the sort (rank, id, freq, s_max, R, score); or click a header"),
     ("home end", "first / last feature in the list"),
     ("v", "show a shared feature's examples in A's or B's tokens"),
+    ("x", "sample weaker firings (lower activation bands) of the selected feature"),
     ("s", "steer the selected feature in a chat"),
     ("r", "switch run"),
     ("ctrl+p", "command palette (go to feature N, switch run, …)"),

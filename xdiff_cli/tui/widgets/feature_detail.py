@@ -113,6 +113,24 @@ def effects_text(effects: dict[str, Any] | None, feature: Feature) -> Text:
     return out
 
 
+def quantiles_text(quantiles: Any, feature: Feature, view: str) -> Text:
+    """Examples from below the top: a few random firings per activation band."""
+    out = Text("weaker firings", style="bold")
+    if quantiles is None:
+        out.append("  x: sample examples from lower activation bands (one pass over the held-out tokens)",
+                   style="dim")
+        return out
+    if isinstance(quantiles, str):
+        out.append(f"\n{quantiles}", style="dim")
+        return out
+    for band in quantiles:
+        out.append(f"\n{band.label} · {band.n_fires:,} firings", style="dim")
+        for example in [e for e in band.examples if e.view == view]:
+            out.append(f"\n{format_activation(example.activation):>5} ", style="dim")
+            out.append_text(shade_example(example, feature.max_activation))
+    return out
+
+
 class FeatureDetail(VerticalScroll):
     """Shows one feature; `view` picks whose tokens ('a' or 'b') the examples are cut by."""
 
@@ -124,6 +142,9 @@ class FeatureDetail(VerticalScroll):
             self.feature = feature
 
     effects: reactive[dict[str, Any] | None] = reactive(None, init=False)
+    # Lower-quantile examples: None = not asked for (x computes them), a string = computing
+    # or why not, else a list of quantile_examples.QuantileBand.
+    quantiles: reactive[Any] = reactive(None, init=False)
 
     def __init__(self, *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
         super().__init__(id=id)
@@ -136,6 +157,7 @@ class FeatureDetail(VerticalScroll):
         yield Static("", id="detail-examples")
         yield Static("", id="detail-histogram")
         yield Static("", id="detail-effects")
+        yield Static("", id="detail-quantiles")
 
     def show(self, feature: Feature | None, view: str | None = None) -> None:
         changed = feature is None or self.feature is None or feature.id != self.feature.id
@@ -143,7 +165,8 @@ class FeatureDetail(VerticalScroll):
         if feature is None:
             self.border_title = "feature"
             self.query_one("#detail-stats", Static).update("No feature matches.")
-            for part in ("#detail-histogram", "#detail-examples-title", "#detail-examples", "#detail-effects"):
+            for part in ("#detail-histogram", "#detail-examples-title", "#detail-examples", "#detail-effects",
+                         "#detail-quantiles"):
                 self.query_one(part, Static).update("")
             return
         self.view = view if view in ("a", "b") and feature.partition == "shared" else feature.own_view
@@ -156,8 +179,14 @@ class FeatureDetail(VerticalScroll):
         if changed:
             self.scroll_home(animate=False)
             self.set_reactive(FeatureDetail.effects, None)
+            self.set_reactive(FeatureDetail.quantiles, None)
             self.query_one("#detail-effects", Static).update(effects_text(None, feature))
             self.post_message(self.EffectsWanted(feature))
+        self.query_one("#detail-quantiles", Static).update(quantiles_text(self.quantiles, feature, self.view))
+
+    def watch_quantiles(self, quantiles: Any) -> None:
+        if self.feature is not None:
+            self.query_one("#detail-quantiles", Static).update(quantiles_text(quantiles, self.feature, self.view))
 
     def watch_effects(self, effects: dict[str, Any] | None) -> None:
         if self.feature is not None:
