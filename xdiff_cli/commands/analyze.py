@@ -175,6 +175,7 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
     before = max(0, min(width // 2, width - token_len - 4))
     lo = max(0, start - before)
     hi = min(len(text), end + max(0, width - (end - lo)))
+    lo = max(0, min(lo, hi - width))  # the text ends early: use the room on the left
     line = Text(("…" if lo > 0 else "") + text[lo:hi] + ("…" if hi < len(text) else ""))
     offset = 1 if lo > 0 else 0
     line.stylize("bold black on yellow", start - lo + offset, end - lo + offset)
