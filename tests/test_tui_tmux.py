@@ -45,7 +45,7 @@ def test_browse_draws_the_run_and_quits_on_q(xdiff_home: Path):
     try:
         screen = _wait_for(session, "A-exclusive")
         assert "demo-run" in screen
-        assert "features · by rank" in screen
+        assert "6 features (6 live) · by rank" in screen
         assert "feature 3" in screen  # the top-ranked A-exclusive feature, selected
         tmux("send-keys", "-t", session, "q", check=True)
         deadline = time.monotonic() + 10

@@ -131,10 +131,10 @@ def _model_dir(run: Any, side: str) -> Path:
 
 def unavailable_reason(run: Any, side: str) -> str | None:
     """Why effects cannot be computed for `side`, from cheap file checks (None: they can)."""
-    if not (run.crosscoder_dir / "final" / "model.safetensors").is_file():
-        return "no trained crosscoder in this run"
     if not (_model_dir(run, side) / "config.json").is_file():
         return f"model {side.upper()} is not downloaded here (`xdiff pull` it to see its tokens)"
+    if not (run.crosscoder_dir / "final" / "model.safetensors").is_file():
+        return "no trained crosscoder in this run"
     return None
 
 

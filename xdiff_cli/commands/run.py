@@ -67,12 +67,14 @@ def run(
     plan = pipeline.make_plan(resolved, hardware, check=not dry_run)
     existing = pipeline.find_run(plan.settings, name=name, new=new)
     done_store = paths.dir_bytes(existing.store_dir) if existing is not None else 0
-    try:
+    if not dry_run:
         pipeline.check_inputs(plan, done_store_bytes=done_store)
-    except XdiffError as exc:
-        if not dry_run:
-            raise
-        plan.warnings.append(str(exc))  # --dry-run shows every problem with the plan, then stops
+    else:  # bad inputs still fail; a disk too small for the plan is a warning beside the plan
+        pipeline.check_inputs(plan, done_store_bytes=plan.disk_bytes or 0)
+        try:
+            pipeline.check_disk(paths.runs_root(), (plan.disk_bytes or 0) - done_store)
+        except XdiffError as exc:
+            plan.warnings.append(str(exc))
     print_plan(plan)
     for warning in [w for w in plan.warnings if w not in resolved.warnings]:
         console.print(f"[yellow]warning:[/] {warning}")
