@@ -93,10 +93,12 @@ def write_report(run, out: Path | None = None, fmt: str = "html", top: int = 10)
     import os
 
     from xdiff_cli.atomic import write_text
+    from xdiff_cli.safe_text import inert
 
     data = gather(run, top=top)
     path = Path(out) if out else default_report_path(run, fmt)
-    write_text(path, render_html(data) if fmt == "html" else render_markdown(data))
+    # The templates hold no control characters: any in the document came from the corpus/models.
+    write_text(path, inert(render_html(data) if fmt == "html" else render_markdown(data)))
     # The atomic temporary file is private (0600); a report is readable like any document.
     umask = os.umask(0)
     os.umask(umask)
