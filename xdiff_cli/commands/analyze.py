@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 # Kept in sync with analysis.RANKING_HELP (that module imports torch; --help must not).
@@ -196,7 +198,8 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     from xdiff_cli.console import console
     from xdiff_cli.feature_columns import LIST_COLUMNS
 
-    width = width or console.width
+    columns = os.environ.get("COLUMNS", "")  # read now: the shared console froze it at import
+    width = width or (int(columns) if columns.isdigit() else console.width)
     fixed = sum(c.width + 1 for c in LIST_COLUMNS)  # the box puts one space between columns
     example_width = width - fixed
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
