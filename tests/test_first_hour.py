@@ -345,3 +345,13 @@ def test_weaker_firings_are_sampled_per_activation_band():
             assert example.text[example.start : example.end] in ANIMALS and example.view == "b"
     again = quantile_examples(hand_built_crosscoder(), store, store, 1, feature.max_activation, per_band=3)
     assert [e.text for b in again for e in b.examples] == [e.text for b in bands for e in b.examples]  # seeded
+
+
+def test_run_summary_shows_live_counts_per_block(capsys):
+    from xdiff_cli.commands.run import print_summary
+    from xdiff_cli.pipeline import summarize
+
+    run = make_analysed_run()
+    print_summary(summarize(run))
+    out = capsys.readouterr().out
+    assert "live features: A-only 1 of 1 · B-only 1 of 1 · shared" in out

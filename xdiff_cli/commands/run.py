@@ -186,6 +186,16 @@ def print_summary(summary) -> None:  # noqa: ANN001 - pipeline.Summary
         f"  FVE B {fmt('eval_fve_b') if 'eval_fve_b' in m else fmt('fve_b')}"
         f"  L0 {fmt('eval_l0') if 'eval_l0' in m else fmt('l0')}  dead {fmt('dead_fraction', pct=True)}"
     )
+    analysis = summary.run_dir / "analysis.sqlite"
+    if analysis.is_file():  # dead exclusive features must not hide behind one overall percentage
+        from xdiff_cli.commands.analyze import live_counts_line
+        from xdiff_cli.feature_index import FeatureIndex
+
+        index = FeatureIndex.open(analysis)
+        try:
+            console.print(live_counts_line(index.block_counts()))
+        finally:
+            index.close()
     for title, lines in (("only in model A", summary.top_a), ("only in model B", summary.top_b)):
         table = Table(title=f"[bold]top features {title}", title_justify="left", box=None)
         for col in ("id", "top token", "freq", "example"):
