@@ -146,9 +146,9 @@ def test_plan_for_a_preset_pair_answers_offline():
 
 
 def test_dry_run_of_the_paper_pair_on_cpu_warns_it_is_not_feasible_with_an_estimate(monkeypatch):
-    from xdiff_cli import pipeline
+    from xdiff_cli import hardware
 
-    monkeypatch.setattr(pipeline, "detect_hardware", lambda: pipeline.Hardware("cpu", 2))
+    monkeypatch.setattr(hardware, "detect_hardware", lambda: hardware.Hardware("cpu", 2))
     result = invoke("run", "--preset", "llama3-qwen3", "--dry-run", columns=200)
     assert result.exit_code == 0, result.output
     assert "d=4096, 32 layers" in result.output and "d=4096, 36 layers" in result.output
