@@ -60,7 +60,8 @@ def analyze(
         f"   → {path}"
     )
     console.print(live_counts_line(index.block_counts()))
-    console.print(features_table(index, index.features(limit=10), title="top 10 by default ranking"))
+    console.print(features_table(index, index.features(limit=10), title="top 10 by default ranking"),
+                  width=terminal_width())
     index.close()
 
 
@@ -108,7 +109,7 @@ def features(
         if search:
             title += f" matching {search!r} (of {index.count(partition)})"
         console.print(live_counts_line(index.block_counts()))
-        console.print(features_table(index, rows, title=title))
+        console.print(features_table(index, rows, title=title), width=terminal_width())
         if len(rows) < matching:
             console.print(f"[dim]{matching - len(rows)} more: --limit {matching} shows all[/]")
     finally:
@@ -178,6 +179,14 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
     return line
 
 
+def terminal_width() -> int:
+    """COLUMNS read now (the shared console froze it when first imported), else the console's."""
+    from xdiff_cli.console import console
+
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else console.width
+
+
 def features_table(index, rows, title: str = "", width: int | None = None):  # noqa: ANN001, ANN201
     """The feature list as a rich Table that fits `width` (default: the console's).
 
@@ -190,8 +199,7 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     from xdiff_cli.console import console
     from xdiff_cli.feature_columns import LIST_COLUMNS
 
-    columns = os.environ.get("COLUMNS", "")  # read now: the shared console froze it at import
-    width = width or (int(columns) if columns.isdigit() else console.width)
+    width = width or terminal_width()
     fixed = sum(c.width + 1 for c in LIST_COLUMNS)  # the box puts one space between columns
     example_width = width - fixed
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
