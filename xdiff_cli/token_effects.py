@@ -125,8 +125,8 @@ def token_effects(crosscoder_dir: Path, model_dir: Path, feature: int, side: str
 
 
 def _model_dir(run: Any, side: str) -> Path:
-    info = run.record.get("models", {}).get(side) or {}
-    return Path(str(info.get("path") or getattr(run.settings, f"model_{side}"))).expanduser()
+    info = run.record.models.get(side)
+    return Path(str((info and info.path) or getattr(run.settings, f"model_{side}"))).expanduser()
 
 
 def unavailable_reason(run: Any, side: str) -> str | None:

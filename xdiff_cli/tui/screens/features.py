@@ -72,8 +72,8 @@ class FeaturesScreen(Screen):
     def model_names(self) -> str:
         names = []
         for side in ("a", "b"):
-            info = self.run.record.get("models", {}).get(side) or {}
-            name = info.get("repo_id") or info.get("spec") or getattr(self.run.settings, f"model_{side}")
+            info = self.run.record.models.get(side)
+            name = (info and (info.repo_id or info.spec)) or getattr(self.run.settings, f"model_{side}")
             names.append(f"{side.upper()} {name}")
         return " vs ".join(names)
 
