@@ -154,6 +154,43 @@ def _example_from_row(row: sqlite3.Row) -> Example:
     )
 
 
+# A search term matches an example when it occurs within this many characters of the
+# firing token (the token itself and a word or two either side), not anywhere in the window.
+SEARCH_NEIGHBOURHOOD_CHARS = 16
+
+
+def _filters(
+    partition: str | None, search: str | None, candidates_only: bool, alive_only: bool, labels: bool = False
+) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their parameters) shared by `features()` and `count_matching()`."""
+    where: list[str] = []
+    params: list[Any] = []
+    if partition not in (None, "all"):
+        if partition not in ("a", "b", "shared"):
+            raise XdiffError(f"unknown partition {partition!r}", "use a, b, shared or all")
+        where.append("partition = ?")
+        params.append(partition)
+    if candidates_only:
+        where.append("candidate = 1")
+    if alive_only:
+        where.append("n_fires > 0")
+    if search:
+        near = SEARCH_NEIGHBOURHOOD_CHARS
+        matches = (
+            "id IN (SELECT feature_id FROM examples WHERE "
+            f"substr(text, max(1, start + 1 - {near}), \"end\" - max(0, start - {near}) + {near}) "
+            "LIKE ? ESCAPE '\\')"
+        )
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        params.append(f"%{escaped}%")
+        if labels:  # `xdiff label` labels and descriptions match too
+            matches += (" OR id IN (SELECT feature_id FROM labels WHERE label LIKE ? ESCAPE '\\'"
+                        " OR description LIKE ? ESCAPE '\\')")
+            params += [f"%{escaped}%", f"%{escaped}%"]
+        where.append(f"({matches})")
+    return where, params
+
+
 class _GuardedConnection:
     """A read connection whose damaged-file errors (met lazily, page by page) are user errors."""
 
@@ -250,25 +287,7 @@ class FeatureIndex:
         """Feature summaries (without examples), in `sort` order."""
         if sort not in SORT_KEYS:
             raise XdiffError(f"unknown sort key {sort!r}", f"use one of {', '.join(SORT_KEYS)}")
-        where, params = [], []
-        if partition not in (None, "all"):
-            if partition not in ("a", "b", "shared"):
-                raise XdiffError(f"unknown partition {partition!r}", "use a, b, shared or all")
-            where.append("partition = ?")
-            params.append(partition)
-        if candidates_only:
-            where.append("candidate = 1")
-        if alive_only:
-            where.append("n_fires > 0")
-        if search:
-            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            matches = "id IN (SELECT feature_id FROM examples WHERE text LIKE ? ESCAPE '\\')"
-            params.append(f"%{escaped}%")
-            if self._labels:
-                matches += (" OR id IN (SELECT feature_id FROM labels WHERE label LIKE ? ESCAPE '\\'"
-                            " OR description LIKE ? ESCAPE '\\')")
-                params += [f"%{escaped}%", f"%{escaped}%"]
-            where.append(f"({matches})")
+        where, params = _filters(partition, search, candidates_only, alive_only, labels=self._labels)
         sql = f"SELECT {self._select()} FROM features"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -285,6 +304,22 @@ class FeatureIndex:
             return columns
         return (f"{columns}, (SELECT label FROM labels WHERE labels.feature_id = features.id) AS auto_label, "
                 "(SELECT auc FROM labels WHERE labels.feature_id = features.id AND labels.label IS NOT NULL) AS label_score")
+
+    def count_matching(
+        self, partition: str | None = None, search: str | None = None, alive_only: bool = False
+    ) -> int:
+        """How many features `features()` would list without a limit (the display limit is separate)."""
+        where, params = _filters(partition, search, False, alive_only, labels=self._labels)
+        sql = "SELECT COUNT(*) FROM features" + (" WHERE " + " AND ".join(where) if where else "")
+        return self._db.execute(sql, params).fetchone()[0]
+
+    def block_counts(self) -> dict[str, dict[str, int]]:
+        """Per block ('a', 'b', 'shared'): {"total": n, "live": features that fire at least once}."""
+        counts = {p: {"total": 0, "live": 0} for p in ("a", "b", "shared")}
+        sql = "SELECT partition, COUNT(*), SUM(n_fires > 0) FROM features GROUP BY partition"
+        for partition, total, live in self._db.execute(sql):
+            counts[partition] = {"total": int(total), "live": int(live or 0)}
+        return counts
 
     def examples(self, feature_id: int, view: str | None = None, limit: int | None = None) -> list[Example]:
         sql = f"SELECT {_EXAMPLE_SELECT} FROM examples WHERE feature_id = ?"
