@@ -65,6 +65,7 @@ def train(
     run.mark_stage("train", "done")
     console.print(
         f"FVE A {result.fve_a:.3f}  FVE B {result.fve_b:.3f}  L0 {result.l0:.1f}  dead {result.dead_fraction:.1%}"
+        + _dead_blocks_text(result.dead_blocks)
     )
     console.print(f"crosscoder: {result.final_dir}")
     console.print(f"checkpoints: {result.out_dir / 'checkpoints'}")
@@ -72,3 +73,9 @@ def train(
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+
+
+def _dead_blocks_text(metrics: dict, prefix: str = "") -> str:
+    from xdiff_cli.console import dead_blocks_text
+
+    return dead_blocks_text(metrics, prefix)

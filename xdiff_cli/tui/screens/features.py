@@ -42,7 +42,7 @@ class FeaturesScreen(Screen):
     def __init__(self, run: Run, index: FeatureIndex) -> None:
         super().__init__()
         self.run, self.index = run, index
-        self.partition = "a"
+        self.partition = self._opening_partition()
         self.sort = "rank"
         self.search = ""
         self._search_timer: Timer | None = None
@@ -54,6 +54,7 @@ class FeaturesScreen(Screen):
         yield Tabs(
             *(Tab(f"{PARTITION_TABS[p]} {self.index.count(p)}", id=f"tab-{p}") for p in PARTITIONS),
             id="partition-tabs",
+            active=f"tab-{self.partition}",
         )
         with Horizontal(id="search-row"):
             yield Input(placeholder="search examples…  (/)", id="search", compact=True)
@@ -62,6 +63,15 @@ class FeaturesScreen(Screen):
             yield FeatureTable(id="feature-table")
             yield FeatureDetail(id="feature-detail")
         yield Footer()
+
+    def _opening_partition(self) -> str:
+        """The first exclusive tab whose best-ranked feature is alive, else "all" (ranked:
+        live candidates first), so the browser never opens on a page of dead features."""
+        for partition in ("a", "b"):
+            top = self.index.features(partition=partition, sort="rank", limit=1)
+            if top and top[0].alive:
+                return partition
+        return "all"
 
     def on_resize(self, event: events.Resize) -> None:
         # Below NARROW_WIDTH the detail pane goes under the list instead of beside it.
