@@ -94,10 +94,11 @@ def test_planted_concepts_end_to_end(planted_run, monkeypatch):  # noqa: ANN001
     animals_covered = set().union(*(distinct(f, ANIMALS) for f in exclusive if f["partition"] == "b"))
     assert len(animals_covered) >= 7, animals_covered
 
-    # 2. The colour concept is not reported as exclusive: no exclusive feature spans half the
-    #    colour words, and no colour feature outranks the animal feature...
+    # 2. The colour concept is not the top finding: no colour feature outranks the animal
+    #    feature. (Since the exclusive blocks live (issue 19) an exclusive feature may take
+    #    up part of one model's colour direction: the DFC's known false positives, measured
+    #    in benchmarks/discovery.py as shFP.)...
     for feature in exclusive:
-        assert len(distinct(feature, COLORS)) < len(COLORS) // 2, (feature["id"], fired_words(feature))
         if concept_share(feature, COLORS) > 0.5:
             assert feature["rank"] > best_b["rank"]
     # ...while a balanced shared feature does span it.
@@ -113,3 +114,23 @@ def test_planted_concepts_end_to_end(planted_run, monkeypatch):  # noqa: ANN001
     mtime = run.analysis_path.stat().st_mtime_ns
     assert analyze_run(resolve_run(run.id), progress=False) == run.analysis_path
     assert run.analysis_path.stat().st_mtime_ns == mtime
+
+
+def test_exclusive_blocks_stay_alive_and_their_dead_share_is_reported(planted_run, monkeypatch):  # noqa: ANN001
+    """Issue 19: with the unsquared loss, joint AuxK and balanced init the B-exclusive block
+    lives (held-out dead share reported per block) and holds the animal concept."""
+    home, run = planted_run
+    monkeypatch.setenv("XDIFF_HOME", str(home))
+    from xdiff_cli.analysis import analyze_run
+    from xdiff_cli.runs import resolve_run
+
+    run = resolve_run(run.id)
+    analyze_run(run, progress=False)
+    metrics = resolve_run(run.id).record["metrics"]
+    for key in ("dead_a", "dead_b", "dead_shared", "eval_dead_a", "eval_dead_b", "eval_dead_shared"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    print({k: round(v, 3) for k, v in metrics.items() if "dead" in k})
+    assert metrics["dead_b"] <= 0.10 and metrics["dead_a"] <= 0.10  # alive while training
+    assert metrics["eval_dead_b"] <= 0.5
+    table = runner.invoke(app, ["features", "--run", run.id, "--limit", "3"])
+    assert table.exit_code == 0 and "dead: A-only" in table.output.replace("\n", " ")
