@@ -54,6 +54,7 @@ def analyze(
         f"features alive on {summary.get('n_tokens', '?'):,} held-out token pairs; "
         f"{summary.get('n_candidates', '?')} candidate differences, "
         f"{summary.get('n_token_artifacts', '?')} tokenization artifacts"
+        + _dead_blocks_text(summary)
     )
     console.print(
         f"eval FVE  A {summary.get('eval_fve_a', float('nan')):.3f}  B {summary.get('eval_fve_b', float('nan')):.3f}"
@@ -109,6 +110,7 @@ def features(
         title = f"run {run.id}: {len(rows)} of {matching} features"
         if search:
             title += f" matching {search!r} (of {index.count(partition)})"
+        title += _dead_blocks_text(index.meta.get("summary", {}), prefix="dead: ")
         console.print(live_counts_line(index.block_counts()))
         console.print(features_table(index, rows, title=title), width=terminal_width())
         if len(rows) < matching:
@@ -240,3 +242,9 @@ def register(app: typer.Typer) -> None:
     app.command("analyze")(analyze)
     app.command("features", help=features.__doc__)(features)
     app.command("report")(report)
+
+
+def _dead_blocks_text(metrics: dict, prefix: str = "") -> str:
+    from xdiff_cli.console import dead_blocks_text
+
+    return dead_blocks_text(metrics, prefix)

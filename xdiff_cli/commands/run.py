@@ -190,6 +190,7 @@ def print_summary(summary) -> None:  # noqa: ANN001 - pipeline.Summary
         f"[bold]run {summary.run_id}[/]  FVE A {fmt('eval_fve_a') if 'eval_fve_a' in m else fmt('fve_a')}"
         f"  FVE B {fmt('eval_fve_b') if 'eval_fve_b' in m else fmt('fve_b')}"
         f"  L0 {fmt('eval_l0') if 'eval_l0' in m else fmt('l0')}  dead {fmt('dead_fraction', pct=True)}"
+        + _dead_blocks_text(m)
     )
     analysis = summary.run_dir / "analysis.sqlite"
     if analysis.is_file():  # dead exclusive features must not hide behind one overall percentage
@@ -313,3 +314,9 @@ def register(app: typer.Typer) -> None:
     app.command("runs")(runs)
     app.command("rm")(rm)
     app.command("presets")(presets)
+
+
+def _dead_blocks_text(metrics: dict, prefix: str = "") -> str:
+    from xdiff_cli.console import dead_blocks_text
+
+    return dead_blocks_text(metrics, prefix)
