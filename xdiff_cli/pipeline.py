@@ -199,7 +199,10 @@ def _config_facts(spec: str, folder: Path) -> ModelFacts:
     text = config.get("text_config", config)
     d_model, n_layers = text.get("hidden_size"), text.get("num_hidden_layers")
     weight_bytes = _weight_bytes(folder)
-    if weight_bytes:
+    gguf = config.get("xdiff_gguf") or {}  # a GGUF header: exact count, nothing dequantised yet
+    if gguf.get("n_params"):
+        n_params = float(gguf["n_params"])
+    elif weight_bytes:
         n_params = weight_bytes / _bytes_per_param(text.get("torch_dtype") or text.get("dtype"))
     elif d_model and n_layers:
         n_params = 12 * n_layers * d_model**2 + 2 * text.get("vocab_size", 32_000) * d_model

