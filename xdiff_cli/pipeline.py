@@ -38,12 +38,24 @@ CPU_PROFILE = {"tokens": 50_000, "context_length": 256, "dict_size": 4096, "k": 
                "batch_size": 512, "lr": 3e-4}
 GPU_PROFILE = {"tokens": 2_000_000, "steps": 20_000}
 
-# Rough sustained throughputs for the time estimates (FLOP/s); estimates, not promises.
+# Time estimates (estimates, not promises). On CPU the plan measures fp32 matmul FLOP/s now
+# (`measure_cpu_flops`, load included); CPU_FLOPS_PER_CORE only stands in when it cannot.
 CPU_FLOPS_PER_CORE = 8e9
 GPU_FLOPS = 150e12
-# Fixed costs measured on the tiny preset (2 CPU cores): per harvested token, per train step.
+# The matmul rate the fixed costs below are quoted at (a quiet 2-core EPYC); a machine
+# measuring half of it pays twice the fixed costs.
+REFERENCE_CPU_FLOPS = 50e9
+# Fixed costs at that reference: per harvested token, per train step, per analysis, and
+# per parameter to convert a GGUF (dequantise + save) or to load a model.
 HARVEST_TOKEN_OVERHEAD_S = {False: 5e-4, True: 5e-5}
 TRAIN_STEP_OVERHEAD_S = {False: 0.05, True: 0.005}
+ANALYZE_FIXED_S = 5.0
+CONVERT_S_PER_PARAM = 1e-7
+LOAD_S_PER_PARAM = 1e-8
+HARVEST_TOKEN_WASTE = 1.3  # tokens fed per aligned token stored (padding, unaligned, outliers)
+# Share of the measured matmul FLOP/s that harvest's forwards / the crosscoder's steps sustain.
+HARVEST_EFFICIENCY = 1.0
+TRAIN_EFFICIENCY = 0.5
 STORE_BYTES_PER_VALUE = 2  # activations are stored in bf16/fp16
 DISK_HEADROOM = 1.10
 
@@ -59,6 +71,7 @@ class Hardware:
     cpu_count: int
     gpu_name: str | None = None
     gpu_memory_bytes: int | None = None
+    measured_flops: float | None = None  # CPU matmul FLOP/s measured now (load included)
 
     @property
     def has_gpu(self) -> bool:
@@ -71,7 +84,41 @@ class Hardware:
 
     @property
     def flops(self) -> float:
-        return GPU_FLOPS if self.has_gpu else CPU_FLOPS_PER_CORE * self.cpu_count
+        if self.has_gpu:
+            return GPU_FLOPS
+        return self.measured_flops or CPU_FLOPS_PER_CORE * self.cpu_count
+
+    @property
+    def slowdown(self) -> float:
+        """How much slower than the reference CPU the fixed per-token/per-step costs run."""
+        return 1.0 if self.has_gpu else REFERENCE_CPU_FLOPS / self.flops
+
+
+_measured_cpu_flops: float | None = None
+
+
+def measure_cpu_flops(seconds: float = 0.25) -> float:
+    """fp32 matmul FLOP/s on this CPU right now, with torch's threads (once per process).
+
+    Estimates scale with it, so a busy shared box or a slow laptop gets longer estimates
+    than a quiet workstation. XDIFF_CPU_FLOPS overrides it (reproducible plans)."""
+    global _measured_cpu_flops
+    override = os.environ.get("XDIFF_CPU_FLOPS")
+    if override:
+        return float(override)
+    if _measured_cpu_flops is None:
+        import time
+
+        import torch
+
+        a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+        a @ b  # warm-up (thread pool, allocator)
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or n < 3:
+            a @ b
+            n += 1
+        _measured_cpu_flops = n * 2 * 512 * 1024 * 1024 / elapsed
+    return _measured_cpu_flops
 
 
 def detect_hardware() -> Hardware:
@@ -81,7 +128,7 @@ def detect_hardware() -> Hardware:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return Hardware("cuda", cpus, props.name, int(props.total_memory))
-    return Hardware("cpu", cpus)
+    return Hardware("cpu", cpus, measured_flops=measure_cpu_flops())
 
 
 # --------------------------------------------------------------------------------------
@@ -187,11 +234,22 @@ class ModelFacts:
     n_layers: int | None = None
     n_params: float | None = None
     weight_bytes: int | None = None
+    linear_params: float | None = None  # parameters in the decoder layers' matmuls (all layers)
+    needs_conversion: bool = False  # a GGUF not yet converted (planned from its header)
 
     def layer(self, requested: int | None) -> int | None:
         if requested is not None:
             return requested
         return None if self.n_layers is None else self.n_layers // 2
+
+    def harvest_flops_per_token(self, layer: int | None) -> float | None:
+        """Forward FLOPs per token up to and including the hooked layer (harvest stops there):
+        2 × the decoder matmul parameters it passes. Embedding lookups are free; layers after
+        the hook and the LM head never run."""
+        if self.linear_params and self.n_layers:
+            used = min(self.n_layers, (layer if layer is not None else self.n_layers // 2) + 1)
+            return 2 * self.linear_params / self.n_layers * used
+        return 2 * self.n_params if self.n_params else None
 
 
 def _config_facts(spec: str, folder: Path) -> ModelFacts:
@@ -208,7 +266,13 @@ def _config_facts(spec: str, folder: Path) -> ModelFacts:
         n_params = 12 * n_layers * d_model**2 + 2 * text.get("vocab_size", 32_000) * d_model
     else:
         n_params = None
-    return ModelFacts(spec, folder, d_model, n_layers, n_params, weight_bytes)
+    try:
+        from xdiff_cli.planner import estimate_parameters
+
+        linear_params: float | None = float(estimate_parameters(config)[1])
+    except (XdiffError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        linear_params = None
+    return ModelFacts(spec, folder, d_model, n_layers, n_params, weight_bytes, linear_params, bool(gguf))
 
 
 def _weight_bytes(folder: Path) -> int | None:
@@ -270,21 +334,33 @@ class Plan:
         return store_bytes(self.settings.tokens, self.model_a.d_model, self.model_b.d_model)
 
     def time_seconds(self) -> dict[str, float | None]:
-        """Rough compute-bound estimates per stage (downloads not included)."""
-        s, flops = self.settings, self.hardware.flops
+        """Per-stage estimates, scaled by the FLOP/s this machine measures now (downloads not
+        included). Compute terms divide FLOPs by the measured matmul rate times how much of it
+        each stage sustains; fixed per-token/per-step costs are the reference CPU's, slowed
+        down by the same ratio. Calibrated on `benchmarks/real_pair.py` and the tiny demo."""
+        s, flops, slow = self.settings, self.hardware.flops, self.hardware.slowdown
         out: dict[str, float | None] = {"pull": None, "harvest": None, "train": None, "analyze": None}
-        if self.model_a.n_params and self.model_b.n_params:
-            # Forward passes of both models; ~1.5x for tokens lost to alignment and padding.
-            # Plus a per-token cost (tokenising, aligning, writing) that dominates for small models.
-            per_token = HARVEST_TOKEN_OVERHEAD_S[self.hardware.has_gpu]
-            compute = 1.5 * 2 * (self.model_a.n_params + self.model_b.n_params) * s.tokens / flops
-            out["harvest"] = compute + per_token * s.tokens
+        conversions = [m.n_params for m in (self.model_a, self.model_b) if m.needs_conversion and m.n_params]
+        if conversions:
+            out["pull"] = sum(conversions) * CONVERT_S_PER_PARAM * slow
+        flops_a = self.model_a.harvest_flops_per_token(s.layer_a)
+        flops_b = self.model_b.harvest_flops_per_token(s.layer_b)
+        if flops_a and flops_b:
+            # Truncated forwards of both models over every fed token (aligned, plus the ones
+            # lost to alignment, padding and the store's outlier filter: HARVEST_TOKEN_WASTE),
+            # plus a per-token cost (tokenising, aligning, writing) that dominates for tiny
+            # models, plus loading both models.
+            per_token = HARVEST_TOKEN_OVERHEAD_S[self.hardware.has_gpu] * slow
+            compute = HARVEST_TOKEN_WASTE * (flops_a + flops_b) * s.tokens / (flops * HARVEST_EFFICIENCY)
+            params = sum(m.n_params or 0 for m in (self.model_a, self.model_b))
+            out["harvest"] = compute + per_token * s.tokens + params * LOAD_S_PER_PARAM * slow
         if self.dict_size and self.model_a.d_model and self.model_b.d_model:
             width = self.model_a.d_model + self.model_b.d_model
-            step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu]
-            out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / flops + step_overhead)
+            step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu] * slow
+            train_flops = flops * TRAIN_EFFICIENCY
+            out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / train_flops + step_overhead)
             eval_tokens = s.tokens * s.eval_fraction
-            out["analyze"] = 4 * eval_tokens * self.dict_size * width / flops + 5
+            out["analyze"] = 4 * eval_tokens * self.dict_size * width / train_flops + ANALYZE_FIXED_S * slow
         return out
 
 
