@@ -42,9 +42,11 @@ def rss_gib() -> float:
 
 def estimates(run: Run) -> dict[str, float | None]:
     """The plan's per-stage estimates for this run's settings (what `xdiff run` printed)."""
-    from xdiff_cli.pipeline import ResolvedSettings, make_plan
+    from xdiff_cli.pipeline import Hardware, ResolvedSettings, make_plan
 
-    plan = make_plan(ResolvedSettings(run.settings, None))
+    recorded = run.record.get("hardware") or {}
+    hardware = Hardware(**recorded) if recorded else None  # the CPU rate measured when it planned
+    plan = make_plan(ResolvedSettings(run.settings, None), hardware)
     return plan.time_seconds()
 
 
