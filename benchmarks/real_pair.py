@@ -27,7 +27,6 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 from xdiff_cli import pipeline
 from xdiff_cli.runs import STAGES, Run

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from gguf_fixtures import write_llama_gguf
 from typer.testing import CliRunner
 
-from gguf_fixtures import write_llama_gguf
 from xdiff_cli import ggufmodels
 from xdiff_cli.errors import XdiffError
 
