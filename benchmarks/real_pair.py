@@ -41,7 +41,8 @@ def rss_gib() -> float:
 
 def estimates(run: Run) -> dict[str, float | None]:
     """The plan's per-stage estimates for this run's settings (what `xdiff run` printed)."""
-    from xdiff_cli.pipeline import Hardware, ResolvedSettings, make_plan
+    from xdiff_cli.hardware import Hardware
+    from xdiff_cli.plan import ResolvedSettings, make_plan
 
     recorded = run.record.get("hardware") or {}
     hardware = Hardware(**recorded) if recorded else None  # the CPU rate measured when it planned
@@ -50,18 +51,21 @@ def estimates(run: Run) -> dict[str, float | None]:
 
 
 def run_benchmark(args: argparse.Namespace) -> tuple[Run, dict[str, float], float]:
+    from xdiff_cli import plan as planning
+    from xdiff_cli import stages
+
     options = {"tokens": args.tokens} if args.tokens else {}
-    resolved = pipeline.resolve_settings(None, None, preset_name="smol-gemma", options=options)
-    plan = pipeline.make_plan(resolved)
+    resolved = planning.resolve_settings(None, None, preset_name="smol-gemma", options=options)
+    plan = planning.make_plan(resolved)
     run = pipeline.find_run(plan.settings, name=args.name) or pipeline.create_run(plan, args.name)
-    ctx = pipeline.StageContext(plan, progress=not args.quiet)
+    ctx = stages.StageContext(progress=not args.quiet, plan=plan)
     times: dict[str, float] = dict(run.record.get("benchmark_times", {}))
     for stage in STAGES:
         if run.stage_done(stage):
             continue
         print(f"[{stage}] ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        pipeline.run_stage(run, stage, ctx)
+        stages.run_stage(run, stage, ctx)
         times[stage] = time.perf_counter() - start
         run = Run.load(run.dir)
         run.record["benchmark_times"] = times

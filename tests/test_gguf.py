@@ -57,7 +57,7 @@ def test_gguf_converts_once_to_the_same_model_and_is_reused(tiny_gguf, tiny_mode
 
 
 def test_plan_reads_the_gguf_header_without_converting(tiny_gguf, tiny_models, xdiff_home):
-    from xdiff_cli.pipeline import model_facts
+    from xdiff_cli.pull import model_facts
 
     facts = model_facts(str(tiny_gguf))
     assert (facts.d_model, facts.n_layers) == (64, 4)
@@ -194,8 +194,10 @@ def test_pypi_model_package_not_installed_says_how_to_install():
 
 
 def test_plan_counts_a_gguf_conversion_only_until_it_is_cached(tiny_gguf, tiny_models, monkeypatch):
-    from xdiff_cli import pipeline
+    from xdiff_cli import plan as pipeline
+    from xdiff_cli.hardware import Hardware
 
+    pipeline.Hardware = Hardware
     monkeypatch.setenv("XDIFF_CPU_FLOPS", "5e10")
     cpu = pipeline.Hardware("cpu", cpu_count=2, measured_flops=5e10)
     resolved = pipeline.resolve_settings(str(tiny_gguf), str(tiny_models["qwen3"]), hardware=cpu)
@@ -207,7 +209,10 @@ def test_plan_counts_a_gguf_conversion_only_until_it_is_cached(tiny_gguf, tiny_m
 
 
 def test_estimates_scale_with_the_measured_cpu_speed(tiny_models):
-    from xdiff_cli import pipeline
+    from xdiff_cli import plan as pipeline
+    from xdiff_cli.hardware import Hardware
+
+    pipeline.Hardware = Hardware
 
     resolved = pipeline.resolve_settings(str(tiny_models["llama"]), str(tiny_models["qwen3"]),
                                          hardware=pipeline.Hardware("cpu", 2, measured_flops=5e10))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,17 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from xdiff_cli import paths
 from xdiff_cli.alignment import AlignedPairs, align, token_spans
 from xdiff_cli.arch import layer_output_tensor
-from xdiff_cli.corpus import Document, iter_documents, render_document
+from xdiff_cli.corpus import MESSAGE_SEPARATOR, Document, canonical_chat_text, iter_documents, render_document
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.store import DTYPES, ActivationStore, Shard, StoreWriter
+from xdiff_cli.store import DTYPES, ActivationStore, Shard, StoreWriter, estimate_bytes
 
 DEFAULT_SHARD_TOKENS = 65_536
 MIN_SHARD_TOKENS = 64
 OUTLIER_FACTOR = 2.0  # drop pairs whose norm exceeds this × the batch median (paper)
 SCALE_SAMPLE_TOKENS = 16_384  # pairs used to estimate each model's median norm
-DISK_HEADROOM = 1.05
 
 
 def default_shard_tokens(tokens: int) -> int:
@@ -60,22 +59,42 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
 
 
-def estimate_bytes(tokens: int, d_a: int, d_b: int, dtype: str = "bfloat16") -> int:
-    """Disk the shards of `tokens` pairs need (2-byte floats + 5 int64 per pair, + headroom)."""
-    per_pair = (d_a + d_b) * 2 + 5 * 8
-    return int(tokens * per_pair * DISK_HEADROOM)
+# --- the harvested window of a document ----------------------------------------------------
+
+# Only the first `context_length` tokens of a document are harvested, so only a window of
+# characters is read, tokenized and stored: memory is bounded by the batch, not by the
+# longest line. 16 characters per token is generous (English averages about 4).
+WINDOW_CHARS_PER_TOKEN = 16
 
 
-def check_disk_space(directory: Path, need_bytes: int) -> None:
-    probe = Path(directory)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need_bytes:
-        raise XdiffError(
-            f"harvest needs about {need_bytes / 1e9:.2f} GB in {directory} but only {free / 1e9:.2f} GB is free",
-            "free space, point XDIFF_HOME at a bigger disk, or lower --tokens",
-        )
+def window_chars(context_length: int) -> int:
+    return context_length * WINDOW_CHARS_PER_TOKEN
+
+
+def clip_document(document: Document, max_chars: int) -> Document:
+    """The document cut to its first `max_chars` characters (at a word boundary when there
+    is one nearby), so a 19 MB line costs what its harvested tokens cost. Chats keep whole
+    messages while they fit and cut the message that crosses the limit."""
+    if len(document.text) <= max_chars:
+        return document
+    if not document.is_chat:
+        return Document(document.doc_id, _cut(document.text, max_chars), None)
+    messages, used = [], 0
+    for message in document.messages:
+        room = max_chars - used
+        if room <= 0:
+            break
+        content = message["content"] if len(message["content"]) <= room else _cut(message["content"], room)
+        messages.append({**message, "content": content})
+        used += len(content) + len(MESSAGE_SEPARATOR)
+    return Document(document.doc_id, canonical_chat_text(messages), messages)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """`text[:max_chars]`, backed off to the last whitespace in its final eighth (no split word)."""
+    head = text[:max_chars]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    return head[:space] if space >= max_chars - max_chars // 8 else head
 
 
 # --- tokenization + alignment ---------------------------------------------------------------
@@ -242,6 +261,12 @@ def harvest_batch(
     hidden_b = layer_activations(model_b, [enc_b[i].input_ids for i in rows], layer_b)
     acts_b = gather_pairs(hidden_b, list(range(len(rows))), [aligned[i].pos_b for i in rows])
     del hidden_b
+    for side, acts, layer in (("A", acts_a, layer_a), ("B", acts_b, layer_b)):
+        if not bool(torch.isfinite(acts).all()):
+            raise XdiffError(
+                f"model {side} produced NaN or infinite activations at layer {layer}",
+                "it overflows at this precision or layer: try another --layer or no quantization",
+            )
     keep = outlier_mask(acts_a.norm(dim=-1), acts_b.norm(dim=-1)).numpy()
     out, offset = [], 0
     for i in rows:
@@ -376,7 +401,6 @@ def harvest(
         "seed": seed,
         "target_tokens": tokens,
     }
-    check_disk_space(out_dir, 0)  # the directory must be creatable at all
     writer = StoreWriter.open_or_create(out_dir, identity)
     if writer.complete:
         return ActivationStore.open(out_dir)
@@ -384,13 +408,15 @@ def harvest(
     shard_tokens = shard_tokens or manifest.get("shard_tokens") or default_shard_tokens(tokens)
     manifest["shard_tokens"] = shard_tokens
     done = manifest["n_tokens"]
-    check_disk_space(out_dir, estimate_bytes(tokens - done, d_a, d_b, dtype))
+    paths.check_free_space(out_dir, estimate_bytes(tokens - done, d_a, d_b), "the activation store")
 
     start = manifest["next_doc_index"]
     if isinstance(documents, str):
         stream: Iterable[Document] = iter_documents(documents, seed=seed, start=start)
     else:
         stream = (doc for doc in documents if doc.doc_id >= start)
+    max_chars = window_chars(context_length)
+    stream = (clip_document(doc, max_chars) for doc in stream)
     torch_dtype = getattr(torch, dtype)
     pending = _PendingShard()
     totals = dict(manifest["stats"])
@@ -442,6 +468,13 @@ def harvest(
                 future.result()
     finally:
         writer_thread.shutdown(wait=True)
+    if done == 0:
+        corpus_name = identity["corpus"]
+        if not totals.get("documents"):
+            raise XdiffError(f"the corpus {corpus_name} has no documents (it is empty or whitespace only)",
+                             "pass a corpus with text: a .txt (one document per line) or .jsonl file")
+        raise XdiffError(f"the corpus {corpus_name} yielded no aligned tokens from {int(totals['documents'])} documents",
+                         "check that the documents contain text both tokenizers can read")
     if done < tokens and progress:
         from xdiff_cli.console import err_console
 
@@ -482,13 +515,11 @@ class _Progress:
 
 
 def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> ActivationStore:
-    """The harvest stage of a run: settings from `run.settings`, store in `run.store_dir`.
-
-    Records `aligned_fraction` and `harvested_tokens` in the run's metrics; marking the stage
-    done is the orchestrator's job.
-    """
+    """Harvest a run's store: settings from `run.settings`, revisions from `run.models`,
+    store in `run.store_dir`. Records `aligned_fraction` and `harvested_tokens` in the run's
+    metrics; marking the stage done is the stage runner's job."""
     settings = run.settings
-    models = run.record.get("models", {})
+    models = run.models
     store = harvest(
         model_a,
         model_b,
@@ -503,9 +534,23 @@ def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> 
         seed=settings.seed,
         spec_a=settings.model_a or None,
         spec_b=settings.model_b or None,
-        revision_a=str(models.get("a", {}).get("revision") or "local"),
-        revision_b=str(models.get("b", {}).get("revision") or "local"),
+        revision_a=str((models["a"].revision if "a" in models else None) or "local"),
+        revision_b=str((models["b"].revision if "b" in models else None) or "local"),
         progress=progress,
     )
     run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
     return store
+
+
+def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
+    """The harvest stage: load both pulled models (only now), harvest, then free them."""
+    from xdiff_cli.hardware import free_accelerator_memory
+    from xdiff_cli.pull import load_pulled_model
+
+    loaded = []
+    try:
+        loaded = [load_pulled_model(run, side, ctx) for side in ("a", "b")]
+        harvest_run(run, loaded[0], loaded[1], progress=ctx.progress)
+    finally:
+        loaded.clear()
+        free_accelerator_memory()

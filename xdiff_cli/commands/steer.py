@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import typer
 
+from xdiff_cli.commands.common import RUN_HELP
+from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP
+
 FEATURE_HELP = "Feature id to steer, optionally with its own scale as ID:SCALE (repeatable)."
 
 
@@ -27,6 +30,8 @@ def parse_features(specs: list[str], scale: float | None) -> list[tuple[int, flo
             raise XdiffError(f"--feature expects ID or ID:SCALE, got {spec!r}", "e.g. --feature 12 or --feature 12:-4") from None
         if value is None:
             raise XdiffError(f"no scale for feature {feature}", f"add --scale S or write --feature {feature}:S")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise XdiffError(f"the scale of feature {feature} must be a finite number, got {value}", "e.g. --scale 4 or --scale -2")
         if feature < 0:
             raise XdiffError(f"feature {feature} is out of range", "feature ids are non-negative")
         features.append((feature, value))
@@ -46,7 +51,9 @@ def _columns(baseline: str, steered: str, features: list[tuple[int, float]], tit
     table.add_column("unsteered", ratio=1, overflow="fold")
     table.add_column(f"steered ({_steered_label(features)})", ratio=1, overflow="fold", style="cyan")
     # Text objects, not markup: model output may contain [brackets].
-    table.add_row(Text(baseline.strip()), Text(steered.strip()))
+    from xdiff_cli.safe_text import inert
+
+    table.add_row(Text(inert(baseline.strip())), Text(inert(steered.strip())))
     return table
 
 
@@ -54,7 +61,7 @@ def steer(
     prompt: str = typer.Argument(..., help="The user message (chat template applied unless --raw)."),
     feature: list[str] = typer.Option(..., "--feature", "-f", help=FEATURE_HELP),
     scale: float | None = typer.Option(None, "--scale", "-s", help="α: multiples of the feature's max activation."),
-    run_id: str | None = typer.Option(None, "--run", help="Run id (default: newest)."),
+    run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
     model: str | None = typer.Option(None, "--model", "-m", help="a or b (default: the model(s) the feature belongs to)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate per answer."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the paper's setting)."),
@@ -64,16 +71,16 @@ def steer(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (no streaming)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's)."),
     quant: str | None = typer.Option(None, "--quant", help="none, 8bit or 4bit (default: the run's)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Steer features and show the unsteered and steered answers side by side."""
-    import json
-
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console, err_console
-    from xdiff_cli.runs import resolve_run
     from xdiff_cli.steering import Steerer
 
     features = parse_features(feature, scale)
-    steerer = Steerer(resolve_run(run_id), device=device, quant=quant)
+    steerer = Steerer(pick_run(run_id, needs="analyze"), device=device, quant=quant,
+                      trust_remote_code=trust_remote_code)
     sides = steerer.sides_for(features, model)
 
     def progress(message: str) -> None:
@@ -95,7 +102,9 @@ def steer(
             err_console.print(f"[yellow]note:[/] {note}")
     if as_json:
         payload = [r.to_json() for r in results]
-        typer.echo(json.dumps(payload[0] if len(payload) == 1 else payload, ensure_ascii=False, indent=2))
+        from xdiff_cli.safe_text import json_dumps
+
+        typer.echo(json_dumps(payload[0] if len(payload) == 1 else payload, indent=2))
 
 
 def _stream_side(steerer, prompt, features, side, options, console):  # noqa: ANN001, ANN202
