@@ -29,7 +29,13 @@ import sys
 import time
 
 from xdiff_cli import pipeline
-from xdiff_cli.runs import STAGES, Run
+from xdiff_cli.runs import Run
+from xdiff_cli.stages import STAGE_NAMES as STAGES
+
+
+def raw(run: Run) -> dict:
+    """run.json as a plain dict (the report reads marks, hardware and metrics from it)."""
+    return json.loads((run.dir / "run.json").read_text())
 
 
 def rss_gib() -> float:
@@ -44,7 +50,7 @@ def estimates(run: Run) -> dict[str, float | None]:
     from xdiff_cli.hardware import Hardware
     from xdiff_cli.plan import ResolvedSettings, make_plan
 
-    recorded = run.record.get("hardware") or {}
+    recorded = raw(run).get("hardware") or {}
     hardware = Hardware(**recorded) if recorded else None  # the CPU rate measured when it planned
     plan = make_plan(ResolvedSettings(run.settings, None), hardware)
     return plan.time_seconds()
@@ -59,7 +65,8 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Run, dict[str, float], floa
     plan = planning.make_plan(resolved)
     run = pipeline.find_run(plan.settings, name=args.name) or pipeline.create_run(plan, args.name)
     ctx = stages.StageContext(progress=not args.quiet, plan=plan)
-    times: dict[str, float] = dict(run.record.get("benchmark_times", {}))
+    times_path = run.dir / "benchmark_times.json"
+    times: dict[str, float] = json.loads(times_path.read_text()) if times_path.is_file() else {}
     for stage in STAGES:
         if run.stage_done(stage):
             continue
@@ -67,16 +74,15 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Run, dict[str, float], floa
         start = time.perf_counter()
         stages.run_stage(run, stage, ctx)
         times[stage] = time.perf_counter() - start
-        run = Run.load(run.dir)
-        run.record["benchmark_times"] = times
-        run.save()
+        times_path.write_text(json.dumps(times))
     return run, times, rss_gib()
 
 
 def times_from_marks(run: Run, started: str | None) -> dict[str, float]:
     """Stage durations from run.json's 'done' marks (each stage starts when the last ended)."""
-    stages = run.record.get("stages", {})
-    previous = dt.datetime.fromisoformat(started) if started else dt.datetime.fromisoformat(run.record["created"])
+    record = raw(run)
+    stages = record.get("stages", {})
+    previous = dt.datetime.fromisoformat(started) if started else dt.datetime.fromisoformat(record["created"])
     out = {}
     for stage in STAGES:
         mark = stages.get(stage, {})
@@ -114,7 +120,7 @@ def exclusive_report(run: Run, n_top: int = 5, n_examples: int = 3) -> dict:
 
 
 def print_report(run: Run, times: dict[str, float], peak_rss: float | None, estimate: dict[str, float | None]) -> None:
-    metrics = run.record.get("metrics", {})
+    metrics = raw(run).get("metrics", {})
     tokens = metrics.get("harvested_tokens") or run.settings.tokens
     print(f"run {run.id}  ({run.dir})")
     print(f"models  A={run.settings.model_a}  B={run.settings.model_b}  corpus={run.settings.corpus}")

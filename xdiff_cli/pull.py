@@ -63,8 +63,14 @@ def fetch(spec: Any, *, allow_pickle_weights: bool = False, trust_remote_code: b
         fetched = fetch_model(parsed, allow_pickle_weights=allow_pickle_weights, token=token,
                               trust_remote_code=trust_remote_code)
         return Fetched(spec, Path(fetched.path), fetched.repo_id, fetched.revision)
-    entry = parsed.repo_id.replace("/", "--")
-    with exclusive(paths.cache_root() / "locks" / f"model--{entry}.lock", f"the download of {parsed.repo_id}"):
+    if parsed.gguf:  # a GGUF / Ollama / pypi: model: converted once into the cache, under a lock
+        import hashlib
+
+        entry = "gguf--" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+        what = f"the conversion of {spec}"
+    else:
+        entry, what = parsed.repo_id.replace("/", "--"), f"the download of {parsed.repo_id}"
+    with exclusive(paths.cache_root() / "locks" / f"model--{entry}.lock", what):
         fetched = fetch_model(parsed, allow_pickle_weights=allow_pickle_weights, token=token,
                               trust_remote_code=trust_remote_code)
     return Fetched(spec, Path(fetched.path), fetched.repo_id, fetched.revision)
