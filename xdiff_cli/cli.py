@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "browse",
     "steer",
     "analyze",
+    "label",
     "models",
     "harvest",
     "train",

@@ -109,6 +109,7 @@ class Feature:
     rank: int
     histogram: dict[str, list[float]]
     label: str | None = None
+    label_score: float | None = None  # detection AUC of an `xdiff label` label (label.py)
     examples: list[Example] = field(default_factory=list)
 
     @property
@@ -129,6 +130,7 @@ class Feature:
         out["token_artifact"] = bool(self.token_artifact)
         out["candidate"] = bool(self.candidate)
         out["histogram"] = self.histogram
+        out["label_score"] = self.label_score
         out["examples"] = [e.to_json() for e in examples]
         return out
 
@@ -138,6 +140,10 @@ def _feature_from_row(row: sqlite3.Row) -> Feature:
     data["histogram"] = json.loads(data["histogram"])
     data["token_artifact"] = bool(data["token_artifact"])
     data["candidate"] = bool(data["candidate"])
+    # An `xdiff label` label, when there is one, takes the place of analysis' own note.
+    auto_label = data.pop("auto_label", None)
+    if auto_label:
+        data["label"] = auto_label
     return Feature(**data)
 
 
@@ -196,6 +202,10 @@ class FeatureIndex:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
+        # `xdiff label` adds a labels table (label.py) to an analysed run; older runs have none.
+        self._labels = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'"
+        ).fetchone() is not None
 
     @classmethod
     def open(cls, path: Path | str) -> FeatureIndex:
@@ -251,10 +261,15 @@ class FeatureIndex:
         if alive_only:
             where.append("n_fires > 0")
         if search:
-            where.append("id IN (SELECT feature_id FROM examples WHERE text LIKE ? ESCAPE '\\')")
             escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            matches = "id IN (SELECT feature_id FROM examples WHERE text LIKE ? ESCAPE '\\')"
             params.append(f"%{escaped}%")
-        sql = f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features"
+            if self._labels:
+                matches += (" OR id IN (SELECT feature_id FROM labels WHERE label LIKE ? ESCAPE '\\'"
+                            " OR description LIKE ? ESCAPE '\\')")
+                params += [f"%{escaped}%", f"%{escaped}%"]
+            where.append(f"({matches})")
+        sql = f"SELECT {self._select()} FROM features"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {SORT_KEYS[sort]}, id ASC"
@@ -262,6 +277,14 @@ class FeatureIndex:
             sql += " LIMIT ?"
             params.append(int(limit))
         return [_feature_from_row(r) for r in self._db.execute(sql, params)]
+
+    def _select(self) -> str:
+        """Feature columns, plus the label and its score from the labels table when present."""
+        columns = ", ".join(FEATURE_COLUMNS)
+        if not self._labels:
+            return columns
+        return (f"{columns}, (SELECT label FROM labels WHERE labels.feature_id = features.id) AS auto_label, "
+                "(SELECT auc FROM labels WHERE labels.feature_id = features.id AND labels.label IS NOT NULL) AS label_score")
 
     def examples(self, feature_id: int, view: str | None = None, limit: int | None = None) -> list[Example]:
         sql = f"SELECT {_EXAMPLE_SELECT} FROM examples WHERE feature_id = ?"
@@ -278,7 +301,7 @@ class FeatureIndex:
     def feature(self, feature_id: int) -> Feature:
         """One feature with its examples; out-of-range ids are a user error."""
         row = self._db.execute(
-            f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features WHERE id = ?", (int(feature_id),)
+            f"SELECT {self._select()} FROM features WHERE id = ?", (int(feature_id),)
         ).fetchone()
         if row is None:
             raise XdiffError(

@@ -218,6 +218,8 @@ def _features_html(features: list[Feature], side: str) -> str:
     blocks = []
     for feature in features:
         label = f' <span class="label">{html.escape(feature.label)}</span>' if feature.label else ""
+        if feature.label_score is not None:
+            label += f' <span class="muted">(detection AUC {feature.label_score:.2f})</span>'
         examples = "".join(
             f'<div class="ex">{_highlight_html(e, feature.max_activation)} '
             f'<span class="act">({e.activation:.3g})</span></div>'
@@ -299,6 +301,8 @@ def _features_md(features: list[Feature], side: str) -> str:
     out = []
     for feature in features:
         label = f" — **{_md_escape(feature.label)}**" if feature.label else ""
+        if feature.label_score is not None:
+            label += f" (detection AUC {feature.label_score:.2f})"
         out.append(f"#### {_md_escape(_feature_caption(feature))}{label}\n")
         for e in feature.examples:
             text = (

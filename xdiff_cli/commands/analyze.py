@@ -52,7 +52,9 @@ def features(
     limit: int | None = typer.Option(
         None, "--limit", "-n", min=1, help=f"Show at most N features (table default {TABLE_DEFAULT_LIMIT}; JSON: all)."
     ),
-    search: str | None = typer.Option(None, "--search", "-s", help="Only features whose top examples contain TEXT."),
+    search: str | None = typer.Option(
+        None, "--search", "-s", help="Only features whose top examples (or `xdiff label` label) contain TEXT."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list (with examples) instead of a table."),
     examples: int = typer.Option(20, "--examples", min=0, help="Examples per feature in --json output."),
 ) -> None:
@@ -154,13 +156,24 @@ def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - Feat
     table.add_column("max act", justify="right")
     table.add_column("breadth", justify="right")
     table.add_column("flags")
+    # `xdiff label` labels get their own column (with their detection AUC); otherwise
+    # analysis' notes (e.g. tokenization artifacts) stay in front of the example.
+    labelled = any(f.label_score is not None for f in rows)
+    if labelled:
+        table.add_column("label (AUC)", min_width=18, max_width=40, overflow="fold")
     table.add_column("top example", no_wrap=True, overflow="ellipsis", max_width=SNIPPET_WIDTH + 2)
     for feature in rows:
         top = index.examples(feature.id, view=feature.own_view, limit=1)
         example = snippet(top[0]) if top else Text("—", style="dim")
-        if feature.label:
+        label_cell = []
+        if labelled or feature.label:
             from xdiff_cli.safe_text import inert
 
+        if labelled:
+            score = f" ({feature.label_score:.2f})" if feature.label_score is not None else ""
+            shown = inert(feature.label, one_line=True) if feature.label else "—"
+            label_cell = [Text(f"{shown}{score}", style="yellow" if feature.label else "dim")]
+        elif feature.label:
             example = Text(f"[{inert(feature.label, one_line=True)}] ", style="yellow") + example
         table.add_row(
             str(feature.id),
@@ -171,6 +184,7 @@ def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - Feat
             f"{feature.max_activation:.3g}",
             str(feature.n_distinct_tokens),
             flags_for(feature),
+            *label_cell,
             example,
         )
     return table

@@ -29,6 +29,11 @@ def run(
     ),
     new: bool = typer.Option(False, "--new", help="Start a new run even if an identical one exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    label: bool = typer.Option(False, "--label", help="Then label the top 20 candidates (as `xdiff label`)."),
+    label_model: str | None = typer.Option(None, "--label-model", help="Labeller for --label (see `xdiff label --model`)."),
+    label_endpoint: str | None = typer.Option(
+        None, "--label-endpoint", help="OpenAI-compatible URL for --label (see `xdiff label --endpoint`)."
+    ),
     *,
     options: dict,
 ) -> None:
@@ -60,6 +65,8 @@ def run(
         console.print(f"\nrun [bold]{existing.id}[/] with these settings is already complete "
                       f"(--new starts another, --restart-from STAGE redoes part of it)")
         print_summary(pipeline.summarize(existing))
+        if label:
+            label_after_run(existing, model=label_model, endpoint=label_endpoint)
         return
     run_ = existing or pipeline.create_run(plan, name, command=["xdiff", *sys.argv[1:]])
     with run_.lock():
@@ -80,6 +87,16 @@ def run(
         stages.run_stages(run_, ctx, on_stage=header)
     console.rule("[bold]done", align="left")
     print_summary(pipeline.summarize(run_))
+    if label:
+        label_after_run(run_, model=label_model, endpoint=label_endpoint)
+
+
+def label_after_run(run_, *, model: str | None, endpoint: str | None) -> None:  # noqa: ANN001 - runs.Run
+    """`xdiff run --label`: the optional label stage, after analysis (resumable, cached)."""
+    from xdiff_cli.commands.label import label_with_progress
+
+    label_with_progress(run_, model=model, endpoint=endpoint, partition="candidates", limit=20,
+                        device=run_.settings.device or "auto")
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan

@@ -82,6 +82,8 @@ class FeatureDetail(VerticalScroll):
             return
         self.view = view if view in ("a", "b") and feature.partition == "shared" else feature.own_view
         label = f" — {inert(feature.label, one_line=True)}" if feature.label else ""
+        if feature.label_score is not None:
+            label += f" (AUC {feature.label_score:.2f})"
         self.border_title = f"feature {feature.id} · {describe_partition(feature)}{label}"
         self.query_one("#detail-stats", Static).update(stats_table(feature))
         self.query_one("#detail-histogram", Static).update(histogram_text(feature))
