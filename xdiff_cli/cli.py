@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "browse",
     "steer",
     "analyze",
+    "verify",
     "models",
     "harvest",
     "train",

@@ -87,6 +87,7 @@ def features(
 
         total = index.count(partition)
         title = f"run {run.id}: {len(rows)} of {total} features" + (f" matching {search!r}" if search else "")
+        title += " · " + live_counts_text(index)
         console.print(features_table(index, rows, title=title))
     finally:
         index.close()
@@ -95,7 +96,8 @@ def features(
 features.__doc__ = f"List a run's features, most worth a look first.\n\n{RANKING_HELP}\n\n" + (
     "Columns: R is the relative decoder norm |dA|/(|dA|+|dB|) (1 = writes only to A); breadth is the "
     "number of distinct word types the feature fires on; flags: ★ candidate difference, "
-    "⚠ tokenization artifact, ✝ dead. The A/B decoder cosine (in --json as dec_cos) is only defined "
+    "⚠ tokenization artifact, ✝ dead. After `xdiff verify`, a verdict column (exclusive, analogous, weak, "
+    "dead; * = a difference found in the shared block) and verified differences ranked first. The A/B decoder cosine (in --json as dec_cos) is only defined "
     "when the two models have the same width; it is null otherwise."
 )
 
@@ -148,6 +150,25 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
     return line
 
 
+VERDICT_STYLE = {"exclusive": "bold green", "analogous": "yellow", "weak": "dim", "dead": "dim red"}
+
+
+def live_counts_text(index) -> str:  # noqa: ANN001 - FeatureIndex
+    """'live A 3/26, B 1/26, shared 900/3,994': features that fire on held-out text, per block."""
+    live = index.live_counts()
+    parts = [f"{name} {live[p]:,}/{index.count(p):,}" for p, name in (("a", "A"), ("b", "B"), ("shared", "shared"))]
+    return "live " + ", ".join(parts)
+
+
+def verdict_text(feature):  # noqa: ANN001, ANN201 - Feature -> rich Text
+    from rich.text import Text
+
+    if feature.verdict is None:
+        return Text("—", style="dim")
+    mark = "*" if feature.found_in_shared else ""
+    return Text(feature.verdict + mark, style=VERDICT_STYLE.get(feature.verdict, ""))
+
+
 def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - FeatureIndex, [Feature] -> Table
     from rich.table import Table
     from rich.text import Text
@@ -160,13 +181,16 @@ def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - Feat
     table.add_column("max act", justify="right")
     table.add_column("breadth", justify="right")
     table.add_column("flags")
+    verified = index.verified
+    if verified:
+        table.add_column("verdict", no_wrap=True, min_width=10)
     table.add_column("top example", no_wrap=True, overflow="ellipsis", max_width=SNIPPET_WIDTH + 2)
     for feature in rows:
         top = index.examples(feature.id, view=feature.own_view, limit=1)
         example = snippet(top[0]) if top else Text("—", style="dim")
         if feature.label:
             example = Text(f"[{feature.label}] ", style="yellow") + example
-        table.add_row(
+        cells = [
             str(feature.id),
             Text(feature.partition.upper() if feature.partition != "shared" else "shared",
                  style=PARTITION_STYLE[feature.partition]),
@@ -175,8 +199,10 @@ def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - Feat
             f"{feature.max_activation:.3g}",
             str(feature.n_distinct_tokens),
             flags_for(feature),
-            example,
-        )
+        ]
+        if verified:
+            cells.append(verdict_text(feature))
+        table.add_row(*cells, example)
     return table
 
 
