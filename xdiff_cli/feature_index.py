@@ -118,6 +118,7 @@ class Feature:
     probe_auc: float | None = None  # ... AUC of fires-vs-not
     ceiling_r2: float | None = None  # ... from its own model
     found_in_shared: bool = False
+    probe_side: str | None = None  # the model that (best) predicts it: the side a verified difference belongs to
     kl_own: float | None = None
     kl_other: float | None = None
 
@@ -155,6 +156,7 @@ def _with_evidence(feature: Feature, evidence: dict) -> Feature:  # noqa: ANN001
         feature.verdict, feature.verdict_reason, feature.verdict_confidence = ev.verdict, ev.reason, ev.confidence
         feature.probe_r2, feature.probe_auc, feature.ceiling_r2 = ev.probe_r2, ev.probe_auc, ev.ceiling_r2
         feature.found_in_shared = bool(ev.found_in_shared)
+        feature.probe_side = ev.own_side
         feature.kl_own, feature.kl_other = ev.kl_own, ev.kl_other
     return feature
 

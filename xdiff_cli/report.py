@@ -59,6 +59,8 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
         for feature in index.features(alive_only=True):  # rank order
             hist[feature.partition][min(N_HIST_BINS - 1, int(feature.rel_norm * N_HIST_BINS))] += 1
             side = side_of(feature) if feature.candidate else None
+            if feature.found_in_shared:  # verify found a difference in the shared block
+                side = feature.probe_side
             if side and len(best[side]) < top:
                 feature.examples = index.examples(feature.id, view=side, limit=EXAMPLES_PER_FEATURE)
                 best[side].append(feature)
@@ -68,12 +70,29 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
             models=run.record.get("models", {}) or meta.get("models", {}),
             settings={k: run.record.get("settings", {}).get(k) for k in SETTINGS_SHOWN},
             metrics={**meta.get("train_metrics", {}), **run.record.get("metrics", {})},
-            summary=meta.get("summary", {}),
+            summary={**meta.get("summary", {}), **_verify_summary(meta.get("verify"))},
             rel_norm_hist=hist,
             top=best,
         )
     finally:
         index.close()
+
+
+def _verify_summary(verify: dict[str, Any] | None) -> dict[str, Any]:
+    """`xdiff verify`'s verdict counts per block (and the null run's false positives), if verified."""
+    if not verify:
+        return {}
+    out: dict[str, Any] = {}
+    for part, name in (("a", "A-exclusive"), ("b", "B-exclusive"), ("shared", "shared")):
+        counts = verify.get("counts", {}).get(part, {})
+        out[f"verdicts {name}"] = {k: v for k, v in counts.items() if k != "none"}
+    out["differences found in the shared block"] = verify.get("found_in_shared", 0)
+    fp = verify.get("false_positives")
+    if fp:
+        out["null run (A vs A): live exclusive-block features / verified exclusive"] = (
+            f"{fp['live_exclusive_block']} / {fp['verified_exclusive']}"
+        )
+    return out
 
 
 def write_report(run, out: Path | None = None, fmt: str = "html", top: int = 10) -> Path:  # noqa: ANN001
@@ -118,6 +137,7 @@ def _metric_rows(data: ReportData) -> list[tuple[str, str]]:
                 "n_candidates", "n_token_artifacts"):
         if key in data.summary and key not in shown:
             rows.append((key, _fmt(data.summary[key])))
+    rows += [(k, _fmt(v)) for k, v in data.summary.items() if k.startswith(("verdicts ", "differences ", "null run"))]
     return rows
 
 
@@ -127,6 +147,7 @@ def _feature_caption(feature: Feature) -> str:
         f"feature {feature.id} · {block} · rank {feature.rank} · R {feature.rel_norm:.2f} · "
         f"freq {feature.frequency:.2e} · s_max {feature.max_activation:.3g} · "
         f"breadth {feature.n_distinct_tokens} word types"
+        + (f" · verdict {feature.verdict}: {feature.verdict_reason}" if feature.verdict else "")
     )
 
 

@@ -48,11 +48,18 @@ class FeaturesScreen(Screen):
         self._search_timer: Timer | None = None
         self._shown_feature_id: int | None = None
 
+    def _tab_label(self, partition: str) -> str:
+        """'A-exclusive 26', or once verified 'A-exclusive 4 live/26' (features firing on held-out text)."""
+        total = self.index.count(partition)
+        if partition == "all" or not self.index.verified:
+            return f"{PARTITION_TABS[partition]} {total}"
+        return f"{PARTITION_TABS[partition]} {self.index.live_counts()[partition]} live/{total}"
+
     # --- layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         yield Tabs(
-            *(Tab(f"{PARTITION_TABS[p]} {self.index.count(p)}", id=f"tab-{p}") for p in PARTITIONS),
+            *(Tab(self._tab_label(p), id=f"tab-{p}") for p in PARTITIONS),
             id="partition-tabs",
         )
         with Horizontal(id="search-row"):

@@ -42,7 +42,27 @@ def stats_table(feature: Feature) -> Table:
     flags = feature_flags(feature)
     if flags:
         table.add_row("flags", {"dead": "dead: never fires", "tok": "token artifact", "cand": "candidate"}[flags])
+    for name, value in evidence_rows(feature):
+        table.add_row(name, value)
     return table
+
+
+def evidence_rows(feature: Feature) -> list[tuple[str, Text | str]]:
+    """`xdiff verify`'s verdict and probe numbers (nothing before the run is verified)."""
+    if feature.verdict is None and feature.probe_r2 is None:
+        return []
+    rows: list[tuple[str, Text | str]] = []
+    if feature.verdict is not None:
+        style = {"exclusive": "bold green", "analogous": "yellow"}.get(feature.verdict, "dim")
+        verdict = Text(feature.verdict, style=style)
+        if feature.verdict_confidence:
+            verdict.append(f" ({feature.verdict_confidence} confidence)", style="dim")
+        rows.append(("verdict", verdict))
+    if feature.verdict_reason:
+        rows.append(("evidence", feature.verdict_reason))
+    if feature.kl_own is not None:
+        rows.append(("steer KL", f"own model {feature.kl_own:.3f}, other (mapped) {feature.kl_other:.3f} nats"))
+    return rows
 
 
 def histogram_text(feature: Feature) -> Text:

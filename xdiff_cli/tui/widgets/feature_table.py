@@ -20,6 +20,7 @@ COLUMNS = (
     ("breadth", "brd", None),
     ("flags", "flags", None),
 )
+VERDICT_SHORT = {"exclusive": "✓excl", "analogous": "≈anlg", "weak": "weak"}  # after `xdiff verify`
 SORT_LABELS = {"rank": "rank", "id": "id", "frequency": "freq", "max_activation": "s_max", "rel_norm": "R"}
 
 
@@ -59,6 +60,8 @@ class FeatureTable(DataTable):
         self.clear()
         for f in features:
             flags = feature_flags(f)
+            if f.verdict in VERDICT_SHORT and flags != "dead":
+                flags = f"{flags} {VERDICT_SHORT[f.verdict]}".strip()
             self.add_row(
                 Text(str(f.id), justify="right"),
                 PARTITION_NAMES[f.partition],
@@ -66,7 +69,7 @@ class FeatureTable(DataTable):
                 Text(format_frequency(f.frequency), justify="right"),
                 Text(f"{f.max_activation:.2f}", justify="right"),
                 Text(str(f.n_distinct_tokens), justify="right"),
-                Text(flags, style="dim" if flags == "dead" else ("yellow" if flags == "tok" else "")),
+                Text(flags, style="dim" if flags == "dead" else ("yellow" if flags.startswith("tok") else "")),
                 key=str(f.id),
             )
         if selected is not None and str(selected) in self.rows:
