@@ -239,3 +239,37 @@ def test_corrupt_evidence_table_is_a_one_line_error(verified_run):
     # --force rebuilds it.
     assert runner.invoke(app, ["verify", "--run", run.id, "--force"]).exit_code == 0
     assert FeatureIndex.open(run.analysis_path).feature(1).verdict == "exclusive"
+
+
+# --- causal specificity ---------------------------------------------------------------------------
+
+
+def test_steer_check_measures_kl_in_both_models_and_resumes(tiny_models, tmp_path, one_torch_thread):
+    from safetensors.torch import save_file
+    from steer_fixtures import make_steerable_run
+
+    from xdiff_cli.feature_index import Evidence, write_evidence
+    from xdiff_cli.verify import ProbeFit, RidgeFit, steer_check_run
+
+    run = make_steerable_run(tiny_models, tmp_path)  # A = tiny llama (d 64), B = tiny qwen3 (d 48)
+    gen = torch.Generator().manual_seed(0)
+    def empty() -> RidgeFit:
+        return RidgeFit(torch.zeros(1, 1), torch.zeros(1), torch.zeros(1))
+
+    fit = ProbeFit(torch.tensor([0]), empty(), empty(), torch.ones(1), torch.randn(64, 48, generator=gen) / 8,
+                   torch.zeros(48, 64), 1)  # B <- A map random; A <- B map zero: no direction in A
+    (run.dir / "verify").mkdir()
+    save_file(fit.tensors(), str(run.dir / "verify" / "probe_fit.safetensors"))
+    evidence = [Evidence(i) for i in range(64)]
+    evidence[0] = Evidence(0, "exclusive", "high", "test", own_side="a")  # A-exclusive: mapped into B
+    evidence[6] = Evidence(6, "exclusive", "high", "test", own_side="b")  # B-exclusive: maps to zero in A
+    write_evidence(run.analysis_path, evidence, {"complete": True})
+    results = steer_check_run(run, 2)
+    assert set(results) == {0, 6}
+    kl_own_0, kl_other_0 = results[0]
+    assert kl_own_0 > 1e-3 and kl_other_0 > 1e-4
+    assert results[6][0] > 1e-3 and results[6][1] == pytest.approx(0.0, abs=1e-6)  # zero vector moves nothing
+    index = FeatureIndex.open(run.analysis_path)
+    assert index.feature(0).kl_own == pytest.approx(kl_own_0)
+    index.close()
+    assert steer_check_run(run, 2) == {}  # resumes: both already checked
