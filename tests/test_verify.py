@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 import torch
+from analysis_fixtures import FakeStore, hand_built_crosscoder, make_analysed_run
 from typer.testing import CliRunner
 
-from analysis_fixtures import FakeStore, hand_built_crosscoder, make_analysed_run
 from xdiff_cli.cli import app
 from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
 from xdiff_cli.errors import XdiffError

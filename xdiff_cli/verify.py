@@ -32,9 +32,7 @@ the intercept column), K histogram bins.
 
 from __future__ import annotations
 
-import json
 import math
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +48,7 @@ from xdiff_cli.feature_index import (
     update_steer_checks,
     write_evidence,
 )
+
 
 @dataclass
 class VerifyConfig:
@@ -346,14 +345,14 @@ def judge(
         feature_id, own_side=own, probe_r2=r2[other], probe_auc=auc[other], ceiling_r2=r2[own], ceiling_auc=auc[own],
         r2_a=r2["a"], r2_b=r2["b"], auc_a=auc["a"], auc_b=auc["b"], n_fires_eval=int(scores["n_fires"]),
     )
-    O, T = own.upper(), other.upper()
+    own_name, other_name = own.upper(), other.upper()
     ratio = transfer_ratio(r2[own], r2[other])
     absent = (
         (r2[own] or 0.0) >= cfg.min_ceiling_r2
         and ratio < thresholds.transfer_ratio
         and (auc[other] is None or auc[other] < thresholds.max_other_auc)
     )
-    evidence = f"{T} predicts R²={_fmt(r2[other])} AUC={_fmt(auc[other])}, {O} R²={_fmt(r2[own])}"
+    evidence = f"{other_name} predicts R²={_fmt(r2[other])} AUC={_fmt(auc[other])}, {own_name} R²={_fmt(r2[own])}"
     if partition == "shared" and not candidate and not absent:
         ev.reason = f"shared; both models predict it ({evidence})"
         return ev  # nothing was claimed: no verdict
@@ -363,7 +362,7 @@ def judge(
         return ev
     if (r2[own] or 0.0) < cfg.min_ceiling_r2:
         ev.verdict, ev.confidence = "weak", "low"
-        ev.reason = f"even {O} predicts it poorly (R²={_fmt(r2[own])}): cannot judge absence from {T}"
+        ev.reason = f"even {own_name} predicts it poorly (R²={_fmt(r2[own])}): cannot judge absence from {other_name}"
         return ev
     margin = (thresholds.transfer_ratio - ratio) / max(thresholds.transfer_ratio, 1e-9)
     if absent:
@@ -371,12 +370,12 @@ def judge(
         ev.found_in_shared = int(partition == "shared")
         ev.confidence = "high" if margin > 0.5 and ev.n_fires_eval >= 100 else "medium" if margin > 0.2 else "low"
         where = "found in the shared block: " if partition == "shared" else ""
-        ev.reason = f"{where}{O} encodes it, {T} does not ({evidence})"
+        ev.reason = f"{where}{own_name} encodes it, {other_name} does not ({evidence})"
     else:
         ev.verdict = "analogous"
         strong = ratio >= min(1.0, 1.5 * thresholds.transfer_ratio) or (auc[other] or 0) >= thresholds.max_other_auc
         ev.confidence = "high" if strong and ev.n_fires_eval >= 100 else "medium"
-        ev.reason = f"{T} encodes it too ({evidence})"
+        ev.reason = f"{other_name} encodes it too ({evidence})"
     return ev
 
 
@@ -500,7 +499,7 @@ def _load_fit(path: Path | None, live: torch.Tensor) -> ProbeFit | None:
 def verify(
     crosscoder: Any, train: Split, eval_split: Split, index_path: Path, *, config: VerifyConfig | None = None,
     thresholds: Thresholds | None = None, fit_path: Path | None = None, progress: bool = False,
-    extra_meta: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None, is_null: bool = False,
 ) -> VerifySummary:
     """Probe every live feature, judge every feature, write the evidence into `index_path`."""
     cfg = config or VerifyConfig()
@@ -519,6 +518,8 @@ def verify(
     }
     evidence = [judge(f.id, f.partition, f.candidate, f.n_fires, by_id.get(f.id), thresholds, cfg) for f in facts]
     summary = summarize(facts, evidence, thresholds, scores, fit.n_train, seconds)
+    if is_null:  # A vs A: every live exclusive-block feature and every candidate is a false positive
+        summary.false_positives = false_positive_count(facts, evidence)
     meta = {**summary.to_json(), **(extra_meta or {}), "config": asdict(cfg), "complete": True}
     write_evidence(Path(index_path), evidence, meta)
     return summary
@@ -543,10 +544,12 @@ def summarize(
 
 
 def false_positive_count(facts: list[FeatureFacts], evidence: list[Evidence]) -> dict[str, int]:
-    """In a null (A vs A) run: what the partition calls exclusive, and what verify still does."""
-    live_exclusive = sum(1 for f in facts if f.partition in ("a", "b") and f.n_fires > 0)
-    verified = sum(1 for f, e in zip(facts, evidence, strict=True) if e.verdict == "exclusive")
-    return {"live_exclusive_block": live_exclusive, "verified_exclusive": verified}
+    """In a null (A vs A) run: what the partition calls a difference, and what verify still does."""
+    return {
+        "live_exclusive_block": sum(1 for f in facts if f.partition in ("a", "b") and f.n_fires > 0),
+        "candidates": sum(1 for f in facts if f.candidate and f.n_fires > 0),
+        "verified_exclusive": sum(1 for e in evidence if e.verdict == "exclusive"),
+    }
 
 
 def verify_meta(index_path: Path) -> dict[str, Any] | None:
@@ -651,11 +654,8 @@ def null_control(run: Any, cfg: VerifyConfig, *, progress: bool = True) -> tuple
     rejudged = [
         judge(f.id, f.partition, f.candidate, f.n_fires, _scores_of(by_id.get(f.id)), thresholds, cfg) for f in facts
     ]
-    false_positives = {
-        "live_exclusive_block": sum(1 for f in facts if f.partition in ("a", "b") and f.n_fires > 0),
-        "candidates": sum(1 for f in facts if f.candidate and f.n_fires > 0),
+    false_positives = false_positive_count(facts, rejudged) | {
         "verified_exclusive_defaults": sum(1 for e in evidence if e.verdict == "exclusive"),
-        "verified_exclusive": sum(1 for e in rejudged if e.verdict == "exclusive"),
         "n_features": len(facts),
         "dir": str(out),
     }
@@ -756,6 +756,12 @@ def steer_check_run(run: Any, n: int, *, alpha: float = 4.0, device: str | None 
     return results
 
 
+def is_null_run(run: Any) -> bool:
+    """A run of a model against itself (`xdiff run --null A`, or `xdiff run A A`)."""
+    settings = run.settings
+    return str(settings.model_a).strip().lower() == str(settings.model_b).strip().lower()
+
+
 def verify_run(
     run: Any, *, progress: bool = True, force: bool = False, null: bool = False, steer_check: int = 0,
     config: VerifyConfig | None = None,
@@ -769,20 +775,25 @@ def verify_run(
 
     cfg = config or VerifyConfig(device=pick_device(run.settings.device))
     meta = verify_meta(run.analysis_path)
-    fresh = meta is None or not meta.get("complete") or force or (null and meta.get("false_positives") is None)
+    fit_path = Path(run.dir) / "verify" / "probe_fit.safetensors"
+    null = null and not is_null_run(run)  # a null run is its own control
+    fresh = (
+        meta is None or not meta.get("complete") or force or not fit_path.is_file()
+        or (null and meta.get("false_positives") is None)
+    )
     if fresh:
         thresholds, false_positives = None, None
         if null:
             thresholds, false_positives = null_control(run, cfg, progress=progress)
         crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=cfg.device)
         store = ActivationStore.open(run.store_dir)
-        fit_path = Path(run.dir) / "verify" / "probe_fit.safetensors"
         if force:
             fit_path.unlink(missing_ok=True)
         verify(
             crosscoder, store.split("train"), store.split("eval"), run.analysis_path, config=cfg,
             thresholds=thresholds, fit_path=fit_path, progress=progress,
             extra_meta={"false_positives": false_positives} if false_positives is not None else None,
+            is_null=is_null_run(run),
         )
         meta = verify_meta(run.analysis_path)
     if steer_check > 0:
@@ -795,3 +806,8 @@ def verify_run(
         meta = verify_meta(run.analysis_path)
     assert meta is not None
     return meta
+
+
+def verify_stage(run: Any, ctx: Any) -> None:
+    """The `verify` stage of `xdiff run` (the stage runner marks it)."""
+    verify_run(run, progress=getattr(ctx, "progress", True))
