@@ -13,6 +13,10 @@ exclusive-block features whose top examples are mostly colour words (planted as 
 and the null run's false-positive count.
 
 Run: `python benchmarks/verify.py [--home DIR] [--preset tiny] [--no-null]`.
+
+`--synthetic` times only analyse vs verify at a larger scale, on the random split of
+benchmarks/analysis.py (train and eval splits of --tokens each, dict --dict, width --width):
+`python benchmarks/verify.py --synthetic [--tokens 50000] [--dict 8192] [--width 256]`.
 """
 
 from __future__ import annotations
@@ -28,13 +32,54 @@ def concept_share(feature: dict, words: tuple[str, ...]) -> float:
     return sum(w in words for w in fired) / max(1, len(fired))
 
 
+def synthetic(tokens: int, dict_size: int, width: int, k: int = 32) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from xdiff_cli.analysis import AnalysisConfig, analyze
+    from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
+    from xdiff_cli.verify import VerifyConfig, verify
+
+    spec = importlib.util.spec_from_file_location("bench_analysis", Path(__file__).with_name("analysis.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    eval_split, train_split = bench.SyntheticSplit(tokens, width, seed=0), bench.SyntheticSplit(tokens, width, seed=1)
+    torch.manual_seed(0)
+    cc = Crosscoder(CrosscoderConfig(d_a=width, d_b=width, dict_size=dict_size, k=k))
+    with torch.no_grad():  # a threshold that keeps about k features per token
+        x = eval_split.shards[0]
+        scores = cc.ranking_scores(cc.pre_activations(x.acts_a[:1024], x.acts_b[:1024]))
+        cc.threshold.fill_(float(scores.flatten().kthvalue(scores.numel() - k * 1024).values))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "a.sqlite"
+        start = time.perf_counter()
+        analyze(cc, eval_split, eval_split, path, config=AnalysisConfig(top_k=20))
+        analyse_s = time.perf_counter() - start
+        start = time.perf_counter()
+        summary = verify(cc, train_split, eval_split, path, config=VerifyConfig(max_train_tokens=tokens))
+        verify_s = time.perf_counter() - start
+    print(f"synthetic: tokens {tokens:,} (train and eval)  dict {dict_size:,}  width {width}  k {k}  "
+          f"probed {summary.n_probed:,} live features")
+    print(f"analyse: {analyse_s:.2f} s   verify: {verify_s:.2f} s (fit {summary.seconds.get('fit')} s, "
+          f"score {summary.seconds.get('score')} s)   ratio verify/analyse: {verify_s / analyse_s:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--tokens", type=int, default=50_000)
+    parser.add_argument("--dict", type=int, default=8192)
+    parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--home", default=None, help="XDIFF_HOME to use (reused: the run resumes)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--name", default="bench-verify")
     parser.add_argument("--no-null", action="store_true")
     args = parser.parse_args()
+    if args.synthetic:
+        synthetic(args.tokens, args.dict, args.width)
+        return
     os.environ["XDIFF_HOME"] = args.home or tempfile.mkdtemp(prefix="xdiff-bench-verify-")
 
     from typer.testing import CliRunner

@@ -198,11 +198,13 @@ def test_verify_command_on_planted_fake_run(verified_run):
     features = {f["id"]: f for f in json.loads(runner.invoke(app, ["features", "--json", "--run", run.id]).stdout)}
     assert features[1]["verdict"] == "exclusive"  # animals: only B's residual has them
     assert features[5]["verdict"] == "analogous"  # colours, R > 0.8: B's residual has colours too
-    assert features[3]["verdict"] == "exclusive" and "shared block" in features[3]["verdict_reason"]  # "the": A only
+    # One-word features cannot be judged: the probe predicts each word with a fit that never saw it.
+    assert features[0]["verdict"] == "weak"  # the split year "1989" (a tokenization artifact)
+    assert features[3]["verdict"] is None  # "the", shared and balanced: nothing claimed, nothing found
     assert features[4]["verdict"] == "dead"
     assert features[2]["verdict"] is None  # balanced shared colours: nothing claimed
     ranked = json.loads(runner.invoke(app, ["features", "--json", "--run", run.id]).stdout)
-    assert {f["verdict"] for f in ranked[:3]} == {"exclusive"}
+    assert ranked[0]["id"] == 1  # the verified difference leads the default ranking
     table = runner.invoke(app, ["features", "--run", run.id])
     assert table.exit_code == 0 and "exclusive" in table.output and "live" in table.output
 
@@ -256,7 +258,7 @@ def test_steer_check_measures_kl_in_both_models_and_resumes(tiny_models, tmp_pat
     def empty() -> RidgeFit:
         return RidgeFit(torch.zeros(1, 1), torch.zeros(1), torch.zeros(1))
 
-    fit = ProbeFit(torch.tensor([0]), empty(), empty(), torch.ones(1), torch.randn(64, 48, generator=gen) / 8,
+    fit = ProbeFit(torch.tensor([0]), {"a": [empty(), empty()], "b": [empty(), empty()]}, torch.ones(1), torch.randn(64, 48, generator=gen) / 8,
                    torch.zeros(48, 64), 1)  # B <- A map random; A <- B map zero: no direction in A
     (run.dir / "verify").mkdir()
     save_file(fit.tensors(), str(run.dir / "verify" / "probe_fit.safetensors"))

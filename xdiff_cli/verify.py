@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,13 +53,14 @@ from xdiff_cli.feature_index import (
 
 @dataclass
 class VerifyConfig:
-    ridge: float = 1e-3  # ridge λ, relative to the mean diagonal of the centred XᵀX
+    ridge: float = 0.1  # ridge λ, relative to the mean diagonal of the centred XᵀX
+    folds: int = 4  # word-type folds: each token is predicted by a fit on the other folds' words
     max_train_tokens: int | None = None  # train tokens for the fit; default: as many as the eval split
     batch_tokens: int = 4096
     auc_bins: int = 256  # predictions binned per feature over [-0.5, 1.5] × its train max
     min_fires: int = 10  # fewer held-out firings than this: weak
-    min_ceiling_r2: float = 0.2  # its own model predicts less than this: weak
-    transfer_ratio: float = 0.5  # exclusive when other R² < transfer_ratio × own R² ...
+    min_ceiling_auc: float = 0.75  # its own model's held-out AUC below this: weak (cannot judge)
+    transfer_ratio: float = 0.5  # exclusive when the other model reaches < this share of its own AUC above chance ...
     max_other_auc: float = 0.9  # ... and the other model's AUC is below this
     device: str = "cpu"
 
@@ -111,15 +113,32 @@ class GramAccumulator:
         self.shift_x: torch.Tensor | None = None
         self.shift_y: torch.Tensor | None = None
 
+    def start(self, shift_x: torch.Tensor, shift_y: torch.Tensor) -> GramAccumulator:
+        """Zero sums around a given shift (accumulators sharing a shift can be summed)."""
+        self.shift_x, self.shift_y = shift_x.double(), shift_y.double()
+        D, F, device = shift_x.numel(), shift_y.numel(), shift_x.device
+        self.sx = torch.zeros(D, dtype=torch.float64, device=device)
+        self.sy = torch.zeros(F, dtype=torch.float64, device=device)
+        self.xx = torch.zeros(D, D, dtype=torch.float64, device=device)
+        self.xy = torch.zeros(D, F, dtype=torch.float64, device=device)
+        return self
+
+    @classmethod
+    def total(cls, parts: list[GramAccumulator]) -> GramAccumulator:
+        """The accumulator of all `parts`' tokens (they must share one shift)."""
+        out = cls().start(parts[0].shift_x, parts[0].shift_y)
+        for part in parts:
+            out.n += part.n
+            out.sx += part.sx
+            out.sy += part.sy
+            out.xx += part.xx
+            out.xy += part.xy
+        return out
+
     def add(self, x_ND: torch.Tensor, y_NF: torch.Tensor) -> None:
         x_ND, y_NF = x_ND.double(), y_NF.double()
         if self.shift_x is None:
-            self.shift_x, self.shift_y = x_ND.mean(0), y_NF.mean(0)
-            D, F = x_ND.shape[1], y_NF.shape[1]
-            self.sx = torch.zeros(D, dtype=torch.float64, device=x_ND.device)
-            self.sy = torch.zeros(F, dtype=torch.float64, device=x_ND.device)
-            self.xx = torch.zeros(D, D, dtype=torch.float64, device=x_ND.device)
-            self.xy = torch.zeros(D, F, dtype=torch.float64, device=x_ND.device)
+            self.start(x_ND.mean(0), y_NF.mean(0))
         xc, yc = x_ND - self.shift_x, y_NF - self.shift_y
         self.n += x_ND.shape[0]
         self.sx += xc.sum(0)
@@ -211,13 +230,30 @@ def _spread_shards(n_shards: int, n_tokens: int, wanted: int) -> list[int]:
     return sorted({round(i * (n_shards - 1) / max(1, count - 1)) for i in range(count)}) if count > 1 else [0]
 
 
+def word_folds(shard: Any, documents: Any | None, shard_index: int, k: int = 2) -> torch.Tensor:
+    """Fold (0..k-1) of every pair in a shard: a hash of its word type (the aligned span's text,
+    stripped and lower-cased), so all occurrences of one word fall in the same fold.
+
+    Without documents (in-memory splits), a fixed pseudo-random fold per row."""
+    n = int(shard.acts_a.shape[0])
+    if documents is None:
+        gen = torch.Generator().manual_seed(1_000_003 * shard_index + 17)
+        return torch.randint(0, k, (n,), generator=gen)
+    folds = []
+    for doc, sa, sb, e in zip(shard.doc_id.tolist(), shard.start_a.tolist(), shard.start_b.tolist(),
+                              shard.end.tolist(), strict=True):
+        word = documents.text(doc)[min(sa, sb) : e].strip().lower()
+        folds.append(zlib.crc32(word.encode("utf-8")) % k)
+    return torch.tensor(folds, dtype=torch.int64)
+
+
 @dataclass
 class ProbeFit:
-    """Both models' ridge fits for the probed features, and the residual-stream maps."""
+    """Per model and word-type fold k, the ridge fit that predicts fold k's tokens (fitted on
+    the other fold's word types only), and the residual-stream maps (fitted on all)."""
 
     features: torch.Tensor  # [F] feature ids probed
-    fit_a: RidgeFit
-    fit_b: RidgeFit
+    fits: dict[str, list[RidgeFit]]  # side -> [fit that predicts fold k, for each fold k]
     scale_F: torch.Tensor  # [F] max activation seen in the train pass (AUC binning unit)
     map_ab: torch.Tensor  # [d_a, d_b]: x_b ≈ x_a @ map_ab (+ const), least squares
     map_ba: torch.Tensor  # [d_b, d_a]
@@ -225,50 +261,67 @@ class ProbeFit:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"features": self.features, "scale_F": self.scale_F, "map_ab": self.map_ab, "map_ba": self.map_ba}
-        for side, fit in (("a", self.fit_a), ("b", self.fit_b)):
-            out |= {f"W_{side}": fit.W_DF, f"b_{side}": fit.b_F, f"mean_{side}": fit.mean_D}
+        for side, fits in self.fits.items():
+            for k, fit in enumerate(fits):
+                out |= {f"W_{side}{k}": fit.W_DF, f"b_{side}{k}": fit.b_F, f"mean_{side}{k}": fit.mean_D}
         out["n_train"] = torch.tensor([self.n_train])
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> ProbeFit:
-        return cls(
-            t["features"], RidgeFit(t["W_a"], t["b_a"], t["mean_a"]), RidgeFit(t["W_b"], t["b_b"], t["mean_b"]),
-            t["scale_F"], t["map_ab"], t["map_ba"], int(t["n_train"][0]),
-        )
-
-
-def _linear_map(acc_x: GramAccumulator, ridge: float) -> torch.Tensor:
-    return acc_x.solve(ridge).W_DF
+        n_folds = sum(1 for key in t if key.startswith("W_a"))
+        fits = {
+            side: [RidgeFit(t[f"W_{side}{k}"], t[f"b_{side}{k}"], t[f"mean_{side}{k}"]) for k in range(n_folds)]
+            for side in ("a", "b")
+        }
+        return cls(t["features"], fits, t["scale_F"], t["map_ab"], t["map_ba"], int(t["n_train"][0]))
 
 
 @torch.no_grad()
 def fit_probes(
-    crosscoder: Any, train: Split, features: torch.Tensor, cfg: VerifyConfig, advance: Callable[[int], None] = lambda n: None,
+    crosscoder: Any, train: Split, features: torch.Tensor, cfg: VerifyConfig,
+    advance: Callable[[int], None] = lambda n: None, documents: Any | None = None,
 ) -> ProbeFit:
-    """One streaming pass over (evenly spread shards of) the train split; one solve per model."""
+    """One streaming pass over (evenly spread shards of) the train split; one solve per model and fold."""
     device = torch.device(cfg.device)
     wanted = cfg.max_train_tokens if cfg.max_train_tokens is not None else train.n_tokens
     shards = _spread_shards(train.num_shards, train.n_tokens, wanted)
     feats = features.to(device)
-    acc_a, acc_b = GramAccumulator(), GramAccumulator()
+    K = cfg.folds
+    acc: dict[str, list[GramAccumulator]] = {"a": [], "b": []}
     map_ab, map_ba = GramAccumulator(), GramAccumulator()
     scale_F = torch.zeros(feats.numel(), device=device)
     for shard_index in shards:
         shard = train.load_shard(shard_index)
+        fold_N = word_folds(shard, documents, shard_index, K).to(device)
         n_rows = int(shard.acts_a.shape[0])
         for lo in range(0, n_rows, cfg.batch_tokens):
-            x_a, x_b = _normalised(shard, train, slice(lo, min(n_rows, lo + cfg.batch_tokens)), device)
+            rows = slice(lo, min(n_rows, lo + cfg.batch_tokens))
+            x_a, x_b = _normalised(shard, train, rows, device)
             y_NF = crosscoder.encode(x_a, x_b)[:, feats]
+            if not acc["a"]:  # every fold shares the first batch's shift, so folds can be summed
+                for side, x in (("a", x_a), ("b", x_b)):
+                    acc[side] = [GramAccumulator().start(x.mean(0), y_NF.mean(0)) for _ in range(K)]
             scale_F = torch.maximum(scale_F, y_NF.max(0).values)
-            acc_a.add(x_a, y_NF)
-            acc_b.add(x_b, y_NF)
+            fold = fold_N[rows]
+            for k in range(K):
+                mask = fold == k
+                if bool(mask.any()):
+                    acc["a"][k].add(x_a[mask], y_NF[mask])
+                    acc["b"][k].add(x_b[mask], y_NF[mask])
             map_ab.add(x_a, x_b)
             map_ba.add(x_b, x_a)
             advance(x_a.shape[0])
+    if not acc["a"]:
+        raise XdiffError("too few train tokens to fit the transfer probe", "harvest more tokens")
+    # Fold k's tokens are predicted by a fit on every other fold's word types.
+    fits = {
+        side: [GramAccumulator.total([a for j, a in enumerate(acc[side]) if j != k]).solve(cfg.ridge) for k in range(K)]
+        for side in ("a", "b")
+    }
     return ProbeFit(
-        feats.cpu(), acc_a.solve(cfg.ridge), acc_b.solve(cfg.ridge), scale_F.cpu(),
-        _linear_map(map_ab, cfg.ridge), _linear_map(map_ba, cfg.ridge), acc_a.n,
+        feats.cpu(), fits, scale_F.cpu(), map_ab.solve(cfg.ridge).W_DF, map_ba.solve(cfg.ridge).W_DF,
+        sum(a.n for a in acc["a"]),
     )
 
 
@@ -287,25 +340,38 @@ class ProbeScores:
 
 @torch.no_grad()
 def score_probes(
-    crosscoder: Any, eval_split: Split, fit: ProbeFit, cfg: VerifyConfig, advance: Callable[[int], None] = lambda n: None,
+    crosscoder: Any, eval_split: Split, fit: ProbeFit, cfg: VerifyConfig,
+    advance: Callable[[int], None] = lambda n: None, documents: Any | None = None,
 ) -> ProbeScores:
     device = torch.device(cfg.device)
     feats = fit.features.to(device)
-    fits = [RidgeFit(*(t.to(device) for t in (f.W_DF, f.b_F, f.mean_D))) for f in (fit.fit_a, fit.fit_b)]
+    fits = {
+        side: [RidgeFit(*(t.to(device) for t in (f.W_DF, f.b_F, f.mean_D))) for f in fit.fits[side]]
+        for side in ("a", "b")
+    }
     scale = fit.scale_F.to(device)
-    score_a, score_b = HeldOutScore(scale, cfg.auc_bins), HeldOutScore(scale, cfg.auc_bins)
+    scores = {side: HeldOutScore(scale, cfg.auc_bins) for side in ("a", "b")}
     for shard_index in range(eval_split.num_shards):
         shard = eval_split.load_shard(shard_index)
+        fold_N = word_folds(shard, documents, 7919 + shard_index, len(fit.fits["a"])).to(device)
         n_rows = int(shard.acts_a.shape[0])
         for lo in range(0, n_rows, cfg.batch_tokens):
-            x_a, x_b = _normalised(shard, eval_split, slice(lo, min(n_rows, lo + cfg.batch_tokens)), device)
-            y_NF = crosscoder.encode(x_a, x_b)[:, feats]
-            score_a.add(fits[0].predict(x_a), y_NF)
-            score_b.add(fits[1].predict(x_b), y_NF)
-            advance(x_a.shape[0])
+            rows = slice(lo, min(n_rows, lo + cfg.batch_tokens))
+            x = dict(zip(("a", "b"), _normalised(shard, eval_split, rows, device), strict=True))
+            y_NF = crosscoder.encode(x["a"], x["b"])[:, feats]
+            fold = fold_N[rows]
+            for side in ("a", "b"):
+                pred_NF = torch.empty_like(y_NF)
+                for k, fit_k in enumerate(fits[side]):
+                    mask = fold == k
+                    if bool(mask.any()):
+                        pred_NF[mask] = fit_k.predict(x[side][mask])
+                scores[side].add(pred_NF, y_NF)
+            advance(y_NF.shape[0])
+    sa, sb = scores["a"], scores["b"]
     return ProbeScores(
-        feats.tolist(), score_a.r2().tolist(), score_b.r2().tolist(), score_a.auc().tolist(), score_b.auc().tolist(),
-        score_a.n_fires().tolist(), score_a.n,
+        feats.tolist(), sa.r2().tolist(), sb.r2().tolist(), sa.auc().tolist(), sb.auc().tolist(),
+        sa.n_fires().tolist(), sa.n,
     )
 
 
@@ -320,18 +386,21 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def transfer_ratio(own_r2: float | None, other_r2: float | None) -> float:
-    """How much of its own model's predictability the other model reaches (clamped to [0, 1])."""
-    if own_r2 is None or own_r2 <= 0:
+def auc_transfer(own_auc: float | None, other_auc: float | None) -> float:
+    """How much of its own model's above-chance AUC the other model reaches, in [0, 1]."""
+    if own_auc is None or own_auc <= 0.5:
         return float("nan")
-    return min(1.0, max(0.0, (other_r2 or 0.0) / own_r2))
+    return min(1.0, max(0.0, ((other_auc if other_auc is not None else 0.5) - 0.5) / (own_auc - 0.5)))
 
 
 def judge(
     feature_id: int, partition: str, candidate: bool, n_fires_analysis: int, scores: dict[str, Any] | None,
     thresholds: Thresholds, cfg: VerifyConfig,
 ) -> Evidence:
-    """The verdict for one feature from its probe scores (None: it was not probed = dead)."""
+    """The verdict for one feature from its held-out probe scores (None: it was not probed = dead).
+
+    AUC decides (it survives word-type holdout, where magnitudes and so R² often do not);
+    R² is reported beside it."""
     if n_fires_analysis <= 0 or scores is None or scores["n_fires"] == 0:
         return Evidence(feature_id, "dead", "high", "never fires on held-out text", n_fires_eval=0)
     r2 = {"a": _finite(scores["r2_a"]), "b": _finite(scores["r2_b"])}
@@ -339,42 +408,45 @@ def judge(
     if partition in ("a", "b"):
         own = partition
     else:  # shared: the model that predicts it better is its "own"
-        own = "a" if (r2["a"] or -1.0) >= (r2["b"] or -1.0) else "b"
+        own = "a" if (auc["a"] or 0.0) >= (auc["b"] or 0.0) else "b"
     other = "b" if own == "a" else "a"
     ev = Evidence(
         feature_id, own_side=own, probe_r2=r2[other], probe_auc=auc[other], ceiling_r2=r2[own], ceiling_auc=auc[own],
         r2_a=r2["a"], r2_b=r2["b"], auc_a=auc["a"], auc_b=auc["b"], n_fires_eval=int(scores["n_fires"]),
     )
     own_name, other_name = own.upper(), other.upper()
-    ratio = transfer_ratio(r2[own], r2[other])
-    absent = (
-        (r2[own] or 0.0) >= cfg.min_ceiling_r2
-        and ratio < thresholds.transfer_ratio
-        and (auc[other] is None or auc[other] < thresholds.max_other_auc)
+    judgeable = (auc[own] or 0.0) >= cfg.min_ceiling_auc
+    transfer = auc_transfer(auc[own], auc[other])
+    absent = judgeable and transfer < thresholds.transfer_ratio and (auc[other] or 0.5) < thresholds.max_other_auc
+    evidence = (
+        f"held-out AUC {other_name} {_fmt(auc[other])} vs {own_name} {_fmt(auc[own])}; "
+        f"R² {_fmt(r2[other])} vs {_fmt(r2[own])}"
     )
-    evidence = f"{other_name} predicts R²={_fmt(r2[other])} AUC={_fmt(auc[other])}, {own_name} R²={_fmt(r2[own])}"
     if partition == "shared" and not candidate and not absent:
-        ev.reason = f"shared; both models predict it ({evidence})"
-        return ev  # nothing was claimed: no verdict
+        ev.reason = f"shared, no claim to check ({evidence})"
+        return ev  # nothing was claimed and nothing found: no verdict
     if ev.n_fires_eval < cfg.min_fires:
         ev.verdict, ev.confidence = "weak", "low"
         ev.reason = f"too rare to judge: {ev.n_fires_eval} held-out firings ({evidence})"
         return ev
-    if (r2[own] or 0.0) < cfg.min_ceiling_r2:
+    if not judgeable:
         ev.verdict, ev.confidence = "weak", "low"
-        ev.reason = f"even {own_name} predicts it poorly (R²={_fmt(r2[own])}): cannot judge absence from {other_name}"
+        ev.reason = (
+            f"even {own_name} does not predict it on words held out of the fit (AUC {_fmt(auc[own])}; e.g. a "
+            f"one-word feature): absence from {other_name} cannot be judged"
+        )
         return ev
-    margin = (thresholds.transfer_ratio - ratio) / max(thresholds.transfer_ratio, 1e-9)
+    margin = (thresholds.transfer_ratio - transfer) / max(thresholds.transfer_ratio, 1e-9)
     if absent:
         ev.verdict = "exclusive"
         ev.found_in_shared = int(partition == "shared")
-        ev.confidence = "high" if margin > 0.5 and ev.n_fires_eval >= 100 else "medium" if margin > 0.2 else "low"
+        ev.confidence = "high" if margin > 0.5 and ev.n_fires_eval >= 50 else "medium" if margin > 0.2 else "low"
         where = "found in the shared block: " if partition == "shared" else ""
         ev.reason = f"{where}{own_name} encodes it, {other_name} does not ({evidence})"
     else:
         ev.verdict = "analogous"
-        strong = ratio >= min(1.0, 1.5 * thresholds.transfer_ratio) or (auc[other] or 0) >= thresholds.max_other_auc
-        ev.confidence = "high" if strong and ev.n_fires_eval >= 100 else "medium"
+        strong = transfer >= min(1.0, 1.5 * thresholds.transfer_ratio) or (auc[other] or 0) >= thresholds.max_other_auc
+        ev.confidence = "high" if strong and ev.n_fires_eval >= 50 else "medium"
         ev.reason = f"{other_name} encodes it too ({evidence})"
     return ev
 
@@ -382,22 +454,22 @@ def judge(
 def null_thresholds(null_evidence: list[Evidence], cfg: VerifyConfig, quantile: float = 0.01) -> Thresholds:
     """Thresholds no looser than the defaults and below (almost) everything a null run shows.
 
-    In an A-vs-A run no feature is a real difference, so the low tail of its transfer
-    ratios and other-model AUCs is how low they get with no difference at all; a real
-    difference must fall below that tail (its `quantile`)."""
-    ratios, aucs = [], []
+    In an A-vs-A run no feature is a real difference, so the low tail of its AUC transfers
+    and other-model AUCs is how low they get with no difference at all; a real difference
+    must fall below that tail (its `quantile`)."""
+    transfers, aucs = [], []
     for ev in null_evidence:
-        if (ev.n_fires_eval or 0) < cfg.min_fires or (ev.ceiling_r2 or 0.0) < cfg.min_ceiling_r2:
+        if (ev.n_fires_eval or 0) < cfg.min_fires or (ev.ceiling_auc or 0.0) < cfg.min_ceiling_auc:
             continue
-        ratios.append(transfer_ratio(ev.ceiling_r2, ev.probe_r2))
+        transfers.append(auc_transfer(ev.ceiling_auc, ev.probe_auc))
         aucs.append(ev.probe_auc if ev.probe_auc is not None else 1.0)
-    if not ratios:
+    if not transfers:
         return Thresholds.defaults(cfg)
-    q_ratio = float(torch.tensor(ratios).quantile(quantile))
+    q_transfer = float(torch.tensor(transfers).quantile(quantile))
     q_auc = float(torch.tensor(aucs).quantile(quantile))
     return Thresholds(
-        min(cfg.transfer_ratio, q_ratio), min(cfg.max_other_auc, q_auc), source="null run",
-        null_run={"n_features_judged": len(ratios), "ratio_q": round(q_ratio, 4), "auc_q": round(q_auc, 4)},
+        min(cfg.transfer_ratio, q_transfer), min(cfg.max_other_auc, q_auc), source="null run",
+        null_run={"n_features_judged": len(transfers), "transfer_q": round(q_transfer, 4), "auc_q": round(q_auc, 4)},
     )
 
 
@@ -442,7 +514,7 @@ class VerifySummary:
 
 def probe_run_scores(
     crosscoder: Any, train: Split, eval_split: Split, facts: list[FeatureFacts], cfg: VerifyConfig,
-    *, fit_path: Path | None = None, progress: bool = False,
+    *, fit_path: Path | None = None, progress: bool = False, documents: Any | None = None,
 ) -> tuple[ProbeFit, ProbeScores, dict[str, float]]:
     """Fit (or reload a saved fit from `fit_path`) and score the probe for every live feature."""
     live = torch.tensor([f.id for f in facts if f.n_fires > 0], dtype=torch.int64)
@@ -453,13 +525,13 @@ def probe_run_scores(
             started = time.monotonic()
             wanted = cfg.max_train_tokens if cfg.max_train_tokens is not None else eval_split.n_tokens
             bars.start("verify: fit transfer probes (train tokens)", min(wanted, train.n_tokens))
-            fit = fit_probes(crosscoder, train, live, _with_default_train(cfg, eval_split), bars.advance)
+            fit = fit_probes(crosscoder, train, live, _with_default_train(cfg, eval_split), bars.advance, documents)
             seconds["fit"] = round(time.monotonic() - started, 2)
             if fit_path is not None:
                 _save_fit(fit_path, fit)
         started = time.monotonic()
         bars.start("verify: score on held-out tokens", eval_split.n_tokens)
-        scores = score_probes(crosscoder, eval_split, fit, cfg, bars.advance)
+        scores = score_probes(crosscoder, eval_split, fit, cfg, bars.advance, documents)
         seconds["score"] = round(time.monotonic() - started, 2)
     return fit, scores, seconds
 
@@ -499,9 +571,15 @@ def _load_fit(path: Path | None, live: torch.Tensor) -> ProbeFit | None:
 def verify(
     crosscoder: Any, train: Split, eval_split: Split, index_path: Path, *, config: VerifyConfig | None = None,
     thresholds: Thresholds | None = None, fit_path: Path | None = None, progress: bool = False,
-    extra_meta: dict[str, Any] | None = None, is_null: bool = False,
+    extra_meta: dict[str, Any] | None = None, is_null: bool = False, documents: Any | None = None,
 ) -> VerifySummary:
-    """Probe every live feature, judge every feature, write the evidence into `index_path`."""
+    """Probe every live feature, judge every feature, write the evidence into `index_path`.
+
+    With `documents` (the store: `document_text(doc_id)`), the probe is cross-fitted over
+    word types: each token is predicted by a fit that never saw its word, so a model that
+    merely tells the words apart does not pass for one that carries the concept."""
+    from xdiff_cli.analysis import _Documents
+
     cfg = config or VerifyConfig()
     thresholds = thresholds or Thresholds.defaults(cfg)
     if eval_split.num_shards == 0 or eval_split.n_tokens == 0:
@@ -510,7 +588,10 @@ def verify(
         raise XdiffError("the activation store has no train tokens to fit the transfer probe", "rerun `xdiff harvest`")
     facts = read_feature_facts(index_path)
     crosscoder = crosscoder.to(cfg.device).eval()
-    fit, scores, seconds = probe_run_scores(crosscoder, train, eval_split, facts, cfg, fit_path=fit_path, progress=progress)
+    docs = _Documents(documents) if documents is not None else None
+    fit, scores, seconds = probe_run_scores(
+        crosscoder, train, eval_split, facts, cfg, fit_path=fit_path, progress=progress, documents=docs
+    )
     by_id = {
         fid: {"r2_a": scores.r2_a[i], "r2_b": scores.r2_b[i], "auc_a": scores.auc_a[i], "auc_b": scores.auc_b[i],
               "n_fires": scores.n_fires[i]}
@@ -642,7 +723,7 @@ def null_control(run: Any, cfg: VerifyConfig, *, progress: bool = True) -> tuple
     meta = verify_meta(index_path)
     if not (meta and meta.get("complete")):
         verify(crosscoder, train_split, eval_split, index_path, config=cfg, fit_path=out / "probe_fit.safetensors",
-               progress=progress)
+               progress=progress, is_null=True, documents=store)
     index = FeatureIndex.open(index_path)
     try:
         evidence = list(index.evidence.values())
@@ -793,7 +874,7 @@ def verify_run(
             crosscoder, store.split("train"), store.split("eval"), run.analysis_path, config=cfg,
             thresholds=thresholds, fit_path=fit_path, progress=progress,
             extra_meta={"false_positives": false_positives} if false_positives is not None else None,
-            is_null=is_null_run(run),
+            is_null=is_null_run(run), documents=store,
         )
         meta = verify_meta(run.analysis_path)
     if steer_check > 0:

@@ -9,9 +9,11 @@ import typer
 VERIFY_HELP = (
     "Attach evidence to the run's candidate differences and give each a verdict: exclusive (its own "
     "model's residual predicts the feature, the other model's does not), analogous (the other model "
-    "predicts it too), dead (never fires on held-out text), weak (too rare to judge). The evidence is a "
-    "ridge probe fitted in closed form on the train split and scored on held-out text (R² and AUC of "
-    "fires-vs-not), for every live feature: a shared feature only one model predicts is reported as a "
+    "predicts it too), dead (never fires on held-out text), weak (too rare, or not predictable even from its "
+    "own model, to judge). The evidence is a ridge probe fitted in closed form on the train split and scored "
+    "on held-out text (AUC of fires-vs-not, which decides, and R²), cross-fitted over word types: each token "
+    "is predicted by a fit that never saw its word, so telling words apart does not pass for carrying the "
+    "concept. Every live feature is probed: a shared feature only one model predicts is reported as a "
     "difference found in the shared block. --null also trains the same configuration on model A against "
     "itself (same text, seed + 1): its probe scores set the thresholds and it reports how many "
     "'exclusive' features the method makes with no real difference. Resumes; rerunning is a no-op."
@@ -66,8 +68,9 @@ def summary_lines(run_id: str, meta: dict) -> list[str]:
         lines.append(f"  {meta['found_in_shared']} differences found in the shared block (only one model predicts them)")
     th = meta.get("thresholds", {})
     lines.append(
-        f"  thresholds ({th.get('source', 'defaults')}): exclusive when other-model R² < "
-        f"{th.get('transfer_ratio', 0):.2f} × own R² and other-model AUC < {th.get('max_other_auc', 0):.2f}"
+        f"  thresholds ({th.get('source', 'defaults')}): exclusive when the other model reaches < "
+        f"{th.get('transfer_ratio', 0):.2f} of its own model's held-out AUC above chance, and AUC < "
+        f"{th.get('max_other_auc', 0):.2f}"
     )
     fp = meta.get("false_positives")
     if fp:
