@@ -134,6 +134,12 @@ def main() -> None:
     print(f"exclusive-block colour features: {len(colour_ex)}")
     for f in colour_ex:
         print(f"  #{f['id']:<5} {f['partition']:>6} rank {f['rank']:<4} {f['verdict']:<10} {f['verdict_reason']}")
+    found = [f for f in rows if f.get("found_in_shared")]
+    for side in ("a", "b"):
+        mine = [f for f in found if f["verdict_reason"].startswith(f"found in the shared block: {side.upper()} ")]
+        n_animal = sum(concept_share(f, ANIMALS) >= 0.3 for f in mine)
+        print(f"found in the shared block, {side.upper()} encodes it: {len(mine)} "
+              f"({n_animal} with >= 30% of top examples on animal words)")
     print("top 5 of the default ranking:")
     for f in rows[:5]:
         words = sorted({e["text"][e["start"]:e["end"]].strip().lower() for e in f["examples"]})[:6]
