@@ -130,10 +130,10 @@ def main() -> None:
     colour_ex = [f for f in rows if f["partition"] in ("a", "b") and concept_share(f, COLORS) >= 0.5]
     print(f"animal features (≥ 50% of top examples on animal words): {len(animal)}")
     for f in animal:
-        print(f"  #{f['id']:<5} {f['partition']:>6} rank {f['rank']:<4} {f['verdict']:<10} {f['verdict_reason']}")
+        print(f"  #{f['id']:<5} {f['partition']:>6} rank {f['rank']:<4} {str(f['verdict']):<10} {f['verdict_reason']}")
     print(f"exclusive-block colour features: {len(colour_ex)}")
     for f in colour_ex:
-        print(f"  #{f['id']:<5} {f['partition']:>6} rank {f['rank']:<4} {f['verdict']:<10} {f['verdict_reason']}")
+        print(f"  #{f['id']:<5} {f['partition']:>6} rank {f['rank']:<4} {str(f['verdict']):<10} {f['verdict_reason']}")
     found = [f for f in rows if f.get("found_in_shared")]
     for side in ("a", "b"):
         mine = [f for f in found if f["verdict_reason"].startswith(f"found in the shared block: {side.upper()} ")]

@@ -512,12 +512,23 @@ def analyze_stage(run: Run, ctx: StageContext) -> None:
     analyze_run(run, progress=ctx.progress)
 
 
-STAGE_FUNCTIONS = {"pull": pull_stage, "harvest": harvest_stage, "train": train_stage, "analyze": analyze_stage}
+def verify_stage(run: Run, ctx: StageContext) -> None:
+    from xdiff_cli.verify import verify_run
+
+    verify_run(run, progress=ctx.progress)
+
+
+# `xdiff run` also verifies; a run counts as complete (and analysed) after `analyze`.
+RUN_STAGES = (*STAGES, "verify")
+STAGE_FUNCTIONS = {
+    "pull": pull_stage, "harvest": harvest_stage, "train": train_stage, "analyze": analyze_stage, "verify": verify_stage,
+}
 STAGE_TITLES = {
     "pull": "pull models",
     "harvest": "harvest aligned activations",
     "train": "train the crosscoder",
     "analyze": "analyse features",
+    "verify": "verify candidates (transfer probe)",
 }
 
 
@@ -549,7 +560,7 @@ def execute(run: Run, ctx: StageContext, on_stage: Any = None) -> list[str]:
 
     `on_stage(index, stage)` is called before each (the CLI prints a header there)."""
     ran = []
-    for index, stage in enumerate(STAGES):
+    for index, stage in enumerate(RUN_STAGES):
         if run.stage_done(stage):
             continue
         if on_stage is not None:
@@ -576,6 +587,8 @@ def restart_from(run: Run, stage: str) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+    shutil.rmtree(run.dir / "verify", ignore_errors=True)  # every restart redoes verify (after analyze)
+    run.record.get("stages", {}).pop("verify", None)
     run.clear_stages_from(stage)
 
 

@@ -523,9 +523,9 @@ def probe_run_scores(
         fit = _load_fit(fit_path, live)
         if fit is None:
             started = time.monotonic()
-            wanted = cfg.max_train_tokens if cfg.max_train_tokens is not None else eval_split.n_tokens
-            bars.start("verify: fit transfer probes (train tokens)", min(wanted, train.n_tokens))
-            fit = fit_probes(crosscoder, train, live, _with_default_train(cfg, eval_split), bars.advance, documents)
+            fit_cfg = _with_default_train(cfg, eval_split)
+            bars.start("verify: fit transfer probes (train tokens)", min(int(fit_cfg.max_train_tokens), train.n_tokens))
+            fit = fit_probes(crosscoder, train, live, fit_cfg, bars.advance, documents)
             seconds["fit"] = round(time.monotonic() - started, 2)
             if fit_path is not None:
                 _save_fit(fit_path, fit)
@@ -541,9 +541,10 @@ def _with_default_train(cfg: VerifyConfig, eval_split: Split) -> VerifyConfig:
 
     if cfg.max_train_tokens is not None:
         return cfg
-    # One extra pass of the eval split's size, but never fewer than 8 tokens per parameter
-    # of the widest probe (a ridge fit on fewer would mostly measure noise).
-    return replace(cfg, max_train_tokens=max(eval_split.n_tokens, 8 * 4096))
+    # One extra pass of the eval split's size, but never fewer than 32 tokens per dimension
+    # of the wider residual (a ridge fit on fewer would mostly measure noise).
+    width = max(int(getattr(eval_split, "d_a", 0) or 0), int(getattr(eval_split, "d_b", 0) or 0), 64)
+    return replace(cfg, max_train_tokens=max(eval_split.n_tokens, 32 * width))
 
 
 def _save_fit(path: Path, fit: ProbeFit) -> None:

@@ -40,6 +40,10 @@ def run(
     ),
     new: bool = typer.Option(False, "--new", help="Start a new run even if an identical one exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    null: str | None = typer.Option(
+        None, "--null", metavar="MODEL",
+        help="Null control: MODEL against itself (same text, seed + 1); every exclusive feature is a false positive.",
+    ),
 ) -> None:
     """Pull two models, harvest aligned activations, train a DFC, analyse: one resumable run.
 
@@ -51,6 +55,11 @@ def run(
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.runs import STAGES
 
+    if null is not None:
+        if model_a is not None or model_b is not None:
+            raise XdiffError("--null takes the one model to compare with itself", "drop the positional models")
+        model_a = model_b = null
+        seed = (seed or 0) + 1
     if restart_from is not None and restart_from not in STAGES:
         raise XdiffError(f"unknown stage {restart_from!r} for --restart-from", f"choose {_STAGE_CHOICES}")
     options = {
@@ -87,11 +96,22 @@ def run(
     console.print(f"directory: {run_.dir}")
 
     def header(index: int, stage: str) -> None:
-        console.rule(f"[bold][{index + 1}/{len(STAGES)}] {pipeline.STAGE_TITLES[stage]}", align="left")
+        console.rule(f"[bold][{index + 1}/{len(pipeline.RUN_STAGES)}] {pipeline.STAGE_TITLES[stage]}", align="left")
 
     pipeline.execute(run_, pipeline.StageContext(plan), on_stage=header)
     console.rule("[bold]done", align="left")
     print_summary(pipeline.summarize(run_))
+    print_verify_summary(run_)
+
+
+def print_verify_summary(run) -> None:  # noqa: ANN001 - runs.Run
+    from xdiff_cli.commands.verify import summary_lines
+    from xdiff_cli.console import console
+    from xdiff_cli.verify import verify_meta
+
+    meta = verify_meta(run.analysis_path) if run.analysis_path.is_file() else None
+    for line in summary_lines(run.id, meta) if meta else []:
+        console.print(line, highlight=False)
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
