@@ -171,7 +171,8 @@ def make_verifiable_run(name: str = "verify-run"):
 
     run = make_analysed_run(name, analysed=False)
     fake = FakeStore(n_docs=90)
-    writer = StoreWriter.open_or_create(run.store_dir, {"model_a": "org/model-a", "model_b": "org/model-b"})
+    identity = {"model_a": "org/model-a", "model_b": "org/model-b", "d_a": 6, "d_b": 4}
+    writer = StoreWriter.open_or_create(run.store_dir, identity)
     for shard, rows in zip(fake.shards, fake.rows_by_shard, strict=True):
         docs = sorted({(r[0], fake.texts[r[0]]) for r in rows})
         writer.write_shard(shard, docs, next_doc_index=docs[-1][0] + 1, stats={})

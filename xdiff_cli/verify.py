@@ -543,7 +543,12 @@ def _with_default_train(cfg: VerifyConfig, eval_split: Split) -> VerifyConfig:
         return cfg
     # One extra pass of the eval split's size, but never fewer than 32 tokens per dimension
     # of the wider residual (a ridge fit on fewer would mostly measure noise).
-    width = max(int(getattr(eval_split, "d_a", 0) or 0), int(getattr(eval_split, "d_b", 0) or 0), 64)
+    width = 64
+    for name in ("d_a", "d_b"):
+        try:
+            width = max(width, int(getattr(eval_split, name, 0) or 0))
+        except (KeyError, TypeError, ValueError):  # a split that does not know its widths
+            pass
     return replace(cfg, max_train_tokens=max(eval_split.n_tokens, 32 * width))
 
 
