@@ -33,20 +33,8 @@ from typing import Any, Protocol
 import torch
 
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.ranking import ARTIFACT_SHARE, EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW, RANKING_HELP  # noqa: E402,F401
 
-RANKING_HELP = (
-    "Default ranking (--sort rank): features fall in tiers — (1) candidate differences: "
-    "A- or B-exclusive features and shared features whose relative decoder norm R = |dA|/(|dA|+|dB|) "
-    "is < 0.2 or > 0.8; (2) candidates flagged as tokenization artifacts (> 80% of their firing "
-    "mass on one word that A and B tokenise differently); (3) other live shared features; "
-    "(4) dead features. Within a tier the score rewards breadth (effective number of distinct "
-    "word types the feature fires on, exp of the entropy of its firing mass), penalises "
-    "domination by one word type, rewards consistent examples (mean of the top examples' "
-    "activation over s_max) and a firing frequency between 1e-4 and 0.1."
-)
-
-EXCLUSIVE_R_LOW, EXCLUSIVE_R_HIGH = 0.2, 0.8
-ARTIFACT_SHARE = 0.8  # share of firing mass on one word type that makes a feature "one-word"
 _TYPE_BITS = 32  # (feature, word type) pairs are packed into one int64 key
 
 
@@ -661,9 +649,9 @@ def analysis_is_valid(path: Path) -> bool:
 
 
 def pick_device(requested: str = "auto") -> str:
-    if requested in ("auto", "", None):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    from xdiff_cli.hardware import resolve_device
+
+    return resolve_device(requested or "auto")
 
 
 def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noqa: ANN001 - runs.Run
@@ -693,9 +681,9 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     store = ActivationStore.open(run.store_dir)
     meta = {
         "run_id": run.id,
-        "models": run.record.get("models", {}),
-        "settings": run.record.get("settings", {}),
-        "train_metrics": run.record.get("metrics", {}),
+        "models": {side: model.to_json() for side, model in run.models.items()},
+        "settings": run.settings.to_dict(),
+        "train_metrics": dict(run.metrics),
     }
     config = AnalysisConfig(top_k=settings.top_examples, device=device)
     analyze(crosscoder, store.split("eval"), store, path, config=config, meta=meta, progress=progress)
@@ -711,3 +699,8 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
         eval_dead_fraction=summary["dead_fraction"], eval_l0=summary["mean_l0"],
     )
     return path
+
+
+def analyze_stage(run, ctx) -> None:  # noqa: ANN001 - runs.Run, stages.StageContext
+    """The analyse stage for the stage runner (`--force` is a restart: `stages.restart_from`)."""
+    analyze_run(run, progress=ctx.progress)

@@ -29,21 +29,18 @@ def verify(
     force: bool = typer.Option(False, "--force", help="Recompute even if the run is already verified."),
     as_json: bool = typer.Option(False, "--json", help="Print the verify summary as JSON."),
 ) -> None:
-    from xdiff_cli.runs import resolve_run
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.verify import verify_run
 
-    run = resolve_run(run_id)
-    if not run.stage_done("analyze") and not run.analysis_path.is_file():
-        from xdiff_cli.errors import XdiffError
-
-        raise XdiffError(f"run {run.id} has not been analysed yet", "run `xdiff analyze` first")
-    run.mark_stage("verify", "running")
-    try:
-        meta = verify_run(run, progress=not as_json, force=force, null=null, steer_check=steer_check)
-    except BaseException:
-        run.mark_stage("verify", "failed")
-        raise
-    run.mark_stage("verify", "done")
+    run = pick_run(run_id, needs="analyze")
+    with run.lock():
+        run.mark_stage("verify", "running")
+        try:
+            meta = verify_run(run, progress=not as_json, force=force, null=null, steer_check=steer_check)
+        except BaseException:
+            run.mark_stage("verify", "failed")
+            raise
+        run.mark_stage("verify", "done")
     if as_json:
         typer.echo(json.dumps(meta))
         return
