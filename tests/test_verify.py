@@ -181,7 +181,8 @@ def make_verifiable_run(name: str = "verify-run"):
     cc.save(run.crosscoder_dir / "final")
     store = ActivationStore.open(run.store_dir)
     analyze(cc, store.split("eval"), store, run.analysis_path, config=AnalysisConfig(top_k=8))
-    run.mark_stage("analyze", "done")
+    for stage in ("pull", "harvest", "train", "analyze"):
+        run.mark_stage(stage, "done")
     return run
 
 

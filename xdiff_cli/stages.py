@@ -57,6 +57,9 @@ STAGES: tuple[Stage, ...] = (
           "xdiff verify --run {run}"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+# A run is complete (browsable, "done" in `xdiff runs`) once analysed; later stages add
+# evidence. `xdiff run` still runs every stage in the table.
+COMPLETE_THROUGH = "analyze"
 _BY_NAME = {s.name: s for s in STAGES}
 
 

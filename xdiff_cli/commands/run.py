@@ -65,7 +65,7 @@ def run(
     print_plan(plan)
     if dry_run:
         return
-    if existing is not None and existing.complete and restart_from is None:
+    if existing is not None and stages.missing_stage(existing.stage_done, None) is None and restart_from is None:
         console.print(f"\nrun [bold]{existing.id}[/] with these settings is already complete "
                       f"(--new starts another, --restart-from STAGE redoes part of it)")
         print_summary(pipeline.summarize(existing))
