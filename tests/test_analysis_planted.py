@@ -65,10 +65,11 @@ def test_planted_concepts_end_to_end(analysed_tiny_run, monkeypatch):  # noqa: A
     animals_covered = set().union(*(distinct(f, ANIMALS) for f in exclusive if f["partition"] == "b"))
     assert len(animals_covered) >= 7, animals_covered
 
-    # 2. The colour concept is not reported as exclusive: no exclusive feature spans half the
-    #    colour words, and no colour feature outranks the animal feature...
+    # 2. The colour concept is not the top finding: no colour feature outranks the animal
+    #    feature. (Since the exclusive blocks live (issue 19) an exclusive feature may take
+    #    up part of one model's colour direction: the DFC's known false positives, measured
+    #    in benchmarks/discovery.py as shFP.)...
     for feature in exclusive:
-        assert len(distinct(feature, COLORS)) < len(COLORS) // 2, (feature["id"], fired_words(feature))
         if concept_share(feature, COLORS) > 0.5:
             assert feature["rank"] > best_b["rank"]
     # ...while a balanced shared feature does span it.
@@ -84,3 +85,19 @@ def test_planted_concepts_end_to_end(analysed_tiny_run, monkeypatch):  # noqa: A
     mtime = run.analysis_path.stat().st_mtime_ns
     assert analyze_run(load_run(run.id), progress=False) == run.analysis_path
     assert run.analysis_path.stat().st_mtime_ns == mtime
+
+
+def test_exclusive_blocks_stay_alive_and_their_dead_share_is_reported(analysed_tiny_run, monkeypatch):  # noqa: ANN001
+    """Issue 19: with the unsquared loss, joint AuxK and balanced init the exclusive blocks
+    live, and the dead share of each block is reported (run metrics and `xdiff features`)."""
+    home, run_id = analysed_tiny_run
+    monkeypatch.setenv("XDIFF_HOME", str(home))
+    from xdiff_cli.runs import load_run
+
+    metrics = load_run(run_id).metrics
+    for key in ("dead_a", "dead_b", "dead_shared", "eval_dead_a", "eval_dead_b", "eval_dead_shared"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["dead_b"] <= 0.10 and metrics["dead_a"] <= 0.10  # alive while training
+    assert metrics["eval_dead_b"] <= 0.5
+    table = runner.invoke(app, ["features", "--run", run_id, "--limit", "3"])
+    assert table.exit_code == 0 and "dead: A-only" in " ".join(table.output.split())

@@ -35,6 +35,8 @@ import torch
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.ranking import ARTIFACT_SHARE, EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW, RANKING_HELP  # noqa: E402,F401
 
+JUNK_SHARE = 0.5  # share of firing mass on junk tokens/positions that makes a feature an artifact
+JUNK_POSITIONS = 2  # a document's first aligned tokens (attention sinks) count as junk
 _TYPE_BITS = 32  # (feature, word type) pairs are packed into one int64 key
 
 
@@ -114,6 +116,25 @@ class _Documents:
                 self.cache.clear()
             text = self.cache[doc_id] = self.source.document_text(doc_id)
         return text
+
+
+def is_junk_type(word: str) -> bool:
+    """Punctuation, whitespace, digits-free symbol runs and special/template tokens."""
+    import unicodedata
+
+    if not word or (word.startswith("<") and word.endswith(">")):
+        return True
+    return all(unicodedata.category(ch)[0] in "PSZC" for ch in word)
+
+
+def positions_in_doc(doc_id_N: torch.Tensor) -> torch.Tensor:
+    """Index of each row within its run of equal doc ids (rows of a document are contiguous)."""
+    n = doc_id_N.numel()
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = doc_id_N[1:] != doc_id_N[:-1]
+    index = torch.arange(n)
+    run_start = torch.where(change, index, torch.zeros_like(index)).cummax(0).values
+    return index - run_start
 
 
 def shard_word_types(shard: Shard, docs: _Documents, types: WordTypes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +256,7 @@ class _Pass1:
     n_fires: torch.Tensor
     act_sum: torch.Tensor
     act_max: torch.Tensor
+    junk_mass: torch.Tensor  # [F] activation mass on junk tokens (punctuation, specials, first positions)
     hist_counts: torch.Tensor  # [F, n_bins]
     pool_values: torch.Tensor  # [F, C]
     pool_pos: torch.Tensor  # [F, C] shard << 32 | row
@@ -278,6 +300,8 @@ def _stream_statistics(
     pool_pos = torch.full((F, C), -1, dtype=torch.int64, device=device)
     pool_types = torch.full((F, C), -1, dtype=torch.int64, device=device)
     is_b_F = torch.tensor([p == "b" for p in crosscoder.partition_labels()], device=device)
+    junk_mass = torch.zeros(F, dtype=torch.float64, device=device)
+    junk_flags: list[bool] = []  # is_junk_type of each interned word type
     sparse = _SparseMass(device)
     recon = {"a": [0.0, 0.0, None], "b": [0.0, 0.0, None]}  # sse, sum of squares, sum of x
     n_tokens, n_active = 0, 0
@@ -286,6 +310,11 @@ def _stream_statistics(
         shard = split.load_shard(shard_index)
         type_a_N, type_b_N = (t.to(device) for t in shard_word_types(shard, docs, types))
         split_N = (shard.start_a != shard.start_b).to(device=device, dtype=torch.float32)
+        junk_flags.extend(is_junk_type(name) for name in types.names[len(junk_flags) :])
+        junk_type = torch.tensor(junk_flags, dtype=torch.bool)
+        first_N = positions_in_doc(shard.doc_id) < JUNK_POSITIONS
+        junk_a_N = (junk_type[type_a_N.cpu()] | first_N).to(device)
+        junk_b_N = (junk_type[type_b_N.cpu()] | first_N).to(device)
         n_rows = int(shard.doc_id.numel())
         for lo in range(0, n_rows, batch):
             rows = slice(lo, min(n_rows, lo + batch))
@@ -305,6 +334,8 @@ def _stream_statistics(
             global_rows = row_i + lo
             own_type = torch.where(is_b_F[feat_i], type_b_N[global_rows], type_a_N[global_rows])
             sparse.add((feat_i << _TYPE_BITS) | own_type, values, values * split_N[global_rows])
+            own_junk = torch.where(is_b_F[feat_i], junk_b_N[global_rows], junk_a_N[global_rows])
+            junk_mass.index_add_(0, feat_i, (values * own_junk).double())
             # Pool: this batch's strongest candidates per feature, merged with a per-type cap.
             depth = min(2 * C, f_NF.shape[0])
             top_v, top_r = f_NF.topk(depth, dim=0)  # [depth, F]
@@ -325,6 +356,7 @@ def _stream_statistics(
         n_fires=n_fires.cpu(),
         act_sum=act_sum.cpu(),
         act_max=act_max.cpu(),
+        junk_mass=junk_mass.cpu(),
         hist_counts=hist.view(F, n_bins).cpu(),
         pool_values=pool_values.cpu(),
         pool_pos=pool_pos.cpu(),
@@ -511,6 +543,8 @@ def _feature_rows(crosscoder, pass1: _Pass1, types: WordTypes, cfg: AnalysisConf
         top_token = types.names[top_type] if top_type >= 0 else None
         top_share = float(w.top_share[i])
         artifact = alive and top_share > ARTIFACT_SHARE and float(w.top_split_share[i]) > 0.5
+        junk_share = float(pass1.junk_mass[i]) / max(float(pass1.act_sum[i]), 1e-30) if alive else 0.0
+        junk = alive and junk_share > JUNK_SHARE
         pool = pass1.pool_values[i, : cfg.top_k]
         pool = pool[pool > 0]
         max_act = float(pass1.act_max[i])
@@ -537,11 +571,14 @@ def _feature_rows(crosscoder, pass1: _Pass1, types: WordTypes, cfg: AnalysisConf
                 "token_artifact": int(artifact),
                 "candidate": int(candidate),
                 "score": feature_score(
-                    alive=alive, candidate=candidate, artifact=artifact, effective_types=float(w.effective_types[i]),
+                    alive=alive, candidate=candidate, artifact=artifact or junk,
+                    effective_types=float(w.effective_types[i]),
                     top_share=top_share, consistency=consistency, frequency=n_fires / n, top_k=cfg.top_k,
                 ),
                 "histogram": {"edges": edges[lo : hi + 1] if used else [], "counts": counts[lo:hi]},
-                "label": f"tokenization artifact: {top_token!r}" if artifact else None,
+                "label": f"tokenization artifact: {top_token!r}" if artifact
+                else f"artifact: {junk_share:.0%} on punctuation/special tokens/first positions (top {top_token!r})"
+                if junk else None,
             }
         )
     order = sorted(range(len(rows)), key=lambda j: (-rows[j]["score"], -rows[j]["max_activation"], j))
@@ -591,6 +628,8 @@ def analyze(
         "mean_l0": pass1.mean_l0,
         "n_candidates": sum(r["candidate"] for r in feature_rows),
         "n_token_artifacts": sum(r["token_artifact"] for r in feature_rows),
+        "n_junk_artifacts": sum(bool(r["label"]) and r["label"].startswith("artifact:") for r in feature_rows),
+        **dead_by_block(crosscoder, pass1.n_fires == 0),
         "seconds": round(time.monotonic() - started, 2),
     }
     with FeatureIndexWriter(out_path) as writer:
@@ -605,6 +644,13 @@ def analyze(
         writer.add_features(feature_rows)
         writer.add_examples(example_rows)
     return Path(out_path)
+
+
+def dead_by_block(crosscoder, dead_F: torch.Tensor) -> dict[str, float]:  # noqa: ANN001
+    """`dead_a`, `dead_b` (DFC only), `dead_shared`: the share of each block that never fired."""
+    from xdiff_cli.training import dead_by_block as by_block
+
+    return by_block(crosscoder, dead_F)
 
 
 class _Progress:
@@ -697,6 +743,7 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     run.set_metrics(
         eval_fve_a=summary["eval_fve_a"], eval_fve_b=summary["eval_fve_b"],
         eval_dead_fraction=summary["dead_fraction"], eval_l0=summary["mean_l0"],
+        **{f"eval_{key}": summary[key] for key in ("dead_a", "dead_b", "dead_shared") if key in summary},
     )
     return path
 

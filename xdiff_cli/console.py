@@ -115,3 +115,13 @@ def sparkline(values) -> str:  # noqa: ANN001 - any sequence of numbers
     if top <= 0:
         return SPARK_BLOCKS[0] * len(values)
     return "".join(SPARK_BLOCKS[min(len(SPARK_BLOCKS) - 1, int(v / top * (len(SPARK_BLOCKS) - 1) + 0.5))] for v in values)
+
+
+def dead_blocks_text(metrics: dict, prefix: str = "") -> str:
+    """" (A-only 4%, B-only 8%, shared 1%)": dead share per block, held-out when analysed."""
+    parts = []
+    for key, name in (("a", "A-only"), ("b", "B-only"), ("shared", "shared")):
+        value = metrics.get(f"eval_dead_{key}", metrics.get(f"dead_{key}"))
+        if value is not None:
+            parts.append(f"{name} {100 * value:.0f}%")
+    return f" ({prefix}{', '.join(parts)})" if parts else ""

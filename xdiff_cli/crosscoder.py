@@ -66,6 +66,9 @@ class CrosscoderConfig:
     exclusive_frac: float = 0.05
     arch: str = "dfc"  # "dfc" | "crosscoder"
     dec_init_norm: float = 0.4
+    # Exclusive decoder rows start with the Σ_m ‖d_i^m‖ (BatchTopK's ranking norm) of an
+    # average shared row instead of the same L2 norm (which ranks them ~1/√2 lower).
+    balance_exclusive_init: bool = True
     scale_a: float = 1.0  # raw activation × scale_a = normalised activation
     scale_b: float = 1.0
 
@@ -134,6 +137,13 @@ class Crosscoder(nn.Module):
         scale_F = cfg.dec_init_norm / norm_F
         self.W_dec_FA.mul_(scale_F[:, None])
         self.W_dec_FB.mul_(scale_F[:, None])
+        if cfg.balance_exclusive_init and cfg.n_exclusive and cfg.n_shared:
+            norm_a_F, norm_b_F = self.decoder_norms()
+            shared = cfg.block("shared")
+            target = float((norm_a_F + norm_b_F)[shared.start : shared.stop].mean())
+            exclusive = slice(0, 2 * cfg.n_exclusive)
+            for W in (self.W_dec_FA, self.W_dec_FB):
+                W[exclusive] *= target / cfg.dec_init_norm
         self.W_enc_AF.copy_(self.W_dec_FA.T)
         self.W_enc_BF.copy_(self.W_dec_FB.T)
         self.b_enc_F.zero_()

@@ -10,6 +10,12 @@ Planted differences make the pipeline's answer checkable: every token that spell
 ANIMALS word gets one extra direction added to its input embedding in model B only (a
 B-exclusive concept), and every COLORS token gets a direction in *both* models (a shared
 concept). `planted.json` in each model directory records which token ids were touched.
+
+The *contextual* pair (`llama-ctx`, `qwen3-ctx`, see `CONTEXTUAL`) adds topics that live in
+context, not in a token: an attention head of layer 0 looks back for a topic's trigger words
+and writes a topic direction into every later position. Model A carries one topic alone,
+model B another, both carry a third. Whether a position is "in" a topic is known from the
+text alone (`topic_spans`), so a benchmark can check which features found which topic.
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ _HARD_SNIPPETS = (
     "Total:\t\t42   items   (whitespace   runs)",
     "Emoji family: 👨‍👩‍👧 and flags 🇫🇷🇯🇵.",
 )
+
+
+# Contextual topics: trigger words (single tokens in every tiny tokenizer) -> carried from
+# the trigger to the end of the document by the models listed in TinySpec.contextual.
+CONTEXTUAL = {
+    "topic_a": ("weather", "garden"),  # carried by model A only
+    "topic_b": ("recipe", "budget"),  # carried by model B only
+    "topic_shared": ("poem", "song"),  # carried by both
+}
 
 
 def _sentence(rng: random.Random) -> str:
@@ -106,6 +121,7 @@ class TinySpec:
     extra_specials: tuple[str, ...]
     chat_template: str
     plants_exclusive: bool  # does this model carry the B-exclusive ANIMALS direction?
+    contextual: tuple[str, ...] = ()  # CONTEXTUAL topics an attention head carries forward
 
 
 TINY_SPECS = {
@@ -122,6 +138,16 @@ TINY_SPECS = {
         ("<|start|>", "<|message|>", "<|end|>"), _HARMONY_TEMPLATE, plants_exclusive=True,
     ),
 }
+# The contextual pair: the same tokenizers as llama/qwen3 (same seeds), plus topic heads.
+TINY_SPECS["llama-ctx"] = TinySpec(
+    "llama-ctx", "llama", 64, 4, 1000, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
+    ("<|start_header_id|>", "<|end_header_id|>"), _LLAMA_TEMPLATE, plants_exclusive=False,
+    contextual=("topic_a", "topic_shared"),
+)
+TINY_SPECS["qwen3-ctx"] = TinySpec(
+    "qwen3-ctx", "qwen3", 48, 4, 760, None, "<|im_end|>", "<|endoftext|>",
+    ("<|im_start|>",), _CHATML_TEMPLATE, plants_exclusive=True, contextual=("topic_b", "topic_shared"),
+)
 
 
 def _tokenizer_training_text(seed: int) -> list[str]:
@@ -252,12 +278,112 @@ def build_tiny_model(spec: TinySpec, out_dir: Path, seed: int = 0) -> Path:
         # harvest's 2x-median outlier cut.
         _plant(embedding, all_ids, direction, strength=1.2 * typical_norm)
         planted[label] = {"words": sorted(ids_by_word), "token_ids": all_ids, "direction": direction.tolist()}
+    if spec.contextual:
+        planted.update(_plant_topic_heads(model, spec, tokenizer, generator, typical_norm))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "planted.json").write_text(json.dumps(planted, indent=1))
     return out_dir
+
+
+def _plant_topic_heads(model, spec: TinySpec, tokenizer, generator, typical_norm: float) -> dict[str, dict]:  # noqa: ANN001
+    """Layer 0, one KV head per topic: the head attends to the latest trigger token of its
+    topic and writes the topic direction into the current position.
+
+    Every token embedding gets a constant direction u, so a query that reads u is the same
+    at every position; the key and value read the trigger words' embedding directions. The
+    slowest rotary pair (dim head_dim/2 − 1) carries the query·key product, so the score
+    barely depends on distance: the topic holds until the end of the document. For Qwen3's
+    per-head q/k RMSNorm the key also reads u into its other dims (a steady norm) and the
+    norm weights of the slow dim carry the gain."""
+    import torch
+
+    cfg = model.config
+    attn = model.model.layers[0].self_attn
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    slow = head_dim // 2 - 1
+    emb = model.get_input_embeddings().weight
+    planted = {}
+    with torch.no_grad():
+        u = torch.randn(spec.hidden_size, generator=generator)
+        u /= u.norm()
+        raw = emb.detach().clone()
+        emb += 3.0 * u  # ~3 sigma: the query's sign is the same at every position
+        qk_norm = hasattr(attn, "q_norm")
+        for kv, topic in enumerate(spec.contextual):
+            if kv >= cfg.num_key_value_heads:
+                raise ValueError(f"{spec.name}: more topics than key/value heads")
+            ids = sorted({i for found in _word_token_ids(tokenizer, set(CONTEXTUAL[topic])).values() for i in found})
+            trig = raw[ids] / raw[ids].norm(dim=-1, keepdim=True)
+            reader = trig.sum(0)  # projection ~ |e| on a trigger, ~N(0, 1) elsewhere
+            reader -= (reader @ u) * u  # blind to u: no topic signal where no trigger was seen
+            direction = torch.randn(spec.hidden_size, generator=generator)
+            direction /= direction.norm()
+            q_rows = slice(kv * group * head_dim, (kv + 1) * group * head_dim)
+            kv_rows = slice(kv * head_dim, (kv + 1) * head_dim)
+            attn.q_proj.weight[q_rows] = 0.0
+            attn.k_proj.weight[kv_rows] = 0.0
+            attn.v_proj.weight[kv_rows] = 0.0
+            attn.o_proj.weight[:, q_rows] = 0.0
+            q_head = kv * group * head_dim  # the first query head of the group; the others stay silent
+            attn.v_proj.weight[kv * head_dim] = reader / typical_norm
+            attn.o_proj.weight[:, q_head] = 1.2 * typical_norm * direction
+            if qk_norm:
+                attn.q_proj.weight[q_head + slow] = u
+                attn.k_proj.weight[kv * head_dim + slow] = reader / typical_norm
+                for j in range(head_dim):
+                    if j != slow:
+                        attn.k_proj.weight[kv * head_dim + j] = u
+                # q/k norms are shared by all heads: the slow dim's gain goes there. Scores come
+                # out like the Llama branch's: ~15 on a trigger, noise sd ~3 elsewhere.
+                attn.q_norm.weight[slow] = 4.5
+                attn.k_norm.weight[slow] = 9.6
+            else:
+                # score = q·k/√hd ≈ 2 (trigger projection in units of the typical norm) · gain
+                attn.q_proj.weight[q_head + slow] = u * (2.0 * head_dim**0.5 / 3.0)
+                attn.k_proj.weight[kv * head_dim + slow] = reader
+            planted[topic] = {"words": list(CONTEXTUAL[topic]), "token_ids": ids, "direction": direction.tolist()}
+        if qk_norm:
+            # Other heads do not use the slow dim (its norm gain would swamp them).
+            for head in range(cfg.num_attention_heads):
+                if head % group or head // group >= len(spec.contextual):
+                    attn.q_proj.weight[head * head_dim + slow] = 0.0
+    return planted
+
+
+def topic_spans(text: str, words) -> list[tuple[int, int]]:  # noqa: ANN001
+    """Character spans of `text` inside a topic: from the first trigger word to the end."""
+    import re
+
+    found = re.search(r"\b(" + "|".join(map(re.escape, words)) + r")\b", text, flags=re.IGNORECASE)
+    return [(found.start(), len(text))] if found else []
+
+
+def contextual_documents(n_docs: int, seed: int = 0) -> Iterator[str]:
+    """Short documents (2-5 sentences); about half bring up one topic at a random sentence."""
+    rng = random.Random(seed)
+    triggers = [w for words in CONTEXTUAL.values() for w in words]
+    for _ in range(n_docs):
+        sentences = [_sentence(rng) for _ in range(rng.randint(2, 5))]
+        sentences = [s for s in sentences if not any(w in s for w in triggers)] or ["Anna saw a cat."]
+        if rng.random() < 0.6:
+            topic = rng.choice(triggers)
+            line = rng.choice((f"We talked about the {topic} for {rng.randint(2, 59)} minutes.", f"Then the {topic} came up."))
+            sentences.insert(rng.randrange(len(sentences)), line)
+        yield " ".join(sentences)
+
+
+def write_contextual_corpus_jsonl(path: Path, n_docs: int = 2000, seed: int = 0) -> Path:
+    """Plain-text documents for the contextual pair, in xdiff's .jsonl format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for text in contextual_documents(n_docs, seed=seed):
+            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
 
 
 def build_tiny_models(root: Path, names=("llama", "qwen3", "gptoss"), seed: int = 0) -> dict[str, Path]:

@@ -3,9 +3,10 @@
 The recipe follows the DFC paper and its public code (docs: DESIGN.md §2):
 
     f      = BatchTopK_k(ReLU(W_enc x + b_enc)), ranked by f_i · Σ_m ‖d_i^m‖
-    loss   = Σ_m mean_N ‖x_m − x̂_m‖²  +  0.03 · AuxK
+    loss   = mean_{N,m} ‖x_m − x̂_m‖₂  +  0.3 · AuxK         (unsquared, as the paper's code)
     k      annealed linearly from k_start (1000, capped at dict_size) to k
-    AuxK   dead features (no activation for `dead_window_tokens`) fit the residual
+    AuxK   dead features (no activation for `dead_window_tokens`), top k_aux by activation ×
+           decoder norm, fit both models' residual; one term normalised by its variance
     Adam   lr with linear warm-up, grad-norm clip 1.0, bf16 autocast on CUDA
     init   decoder rows at norm 0.4 (module), decoder bias = geometric median of a batch
     infer  threshold = bias-corrected EMA (β = 0.999) of the smallest kept score per batch
@@ -186,8 +187,17 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: min(1000, 1% of steps)
     k_start: int | None = None  # None: min(1000, dict_size)
     k_anneal_steps: int | None = None  # None: min(5000, 5% of steps)
-    aux_coef: float = 0.03
+    # 10x the paper's 0.03: with short runs AuxK must revive dead exclusive features within the
+    # run (benchmarks/discovery.py: held-out dead A/B 63%/49% at 0.03, 35%/37% at 0.3).
+    aux_coef: float = 0.3
     k_aux: int | None = None  # None: min(512, mean width / 2)
+    # "l2": mean over tokens and models of the unsquared error norm ‖x_m − x̂_m‖₂ (the paper's
+    # code; keeps exclusive blocks alive); "mse": Σ_m mean_N ‖x_m − x̂_m‖² (before 0.4).
+    recon_loss: str = "l2"
+    # "joint": one AuxK term over both models' residual, normalised by its variance, dead
+    # latents chosen by activation × decoder norm (the paper's code); "per_model": one squared
+    # term per model, chosen by activation.
+    aux_form: str = "joint"
     dead_window_tokens: int | None = None  # None: min(10M, 5% of the tokens seen in training)
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
@@ -203,6 +213,10 @@ class TrainConfig:
                 raise XdiffError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise XdiffError(f"--lr must be positive, got {self.lr}")
+        if self.recon_loss not in ("l2", "mse"):
+            raise XdiffError(f"unknown reconstruction loss {self.recon_loss!r}", "use l2 or mse")
+        if self.aux_form not in ("joint", "per_model"):
+            raise XdiffError(f"unknown AuxK form {self.aux_form!r}", "use joint or per_model")
         return self
 
     # Resolved schedule values -----------------------------------------------------------
@@ -292,6 +306,40 @@ def aux_k_losses(
     return losses[0], losses[1]
 
 
+def aux_k_joint(
+    model: Crosscoder,
+    acts_NF: torch.Tensor,
+    resid_NA: torch.Tensor,
+    resid_NB: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int,
+) -> torch.Tensor:
+    """AuxK as in the paper's code: the top-`k_aux` dead features, ranked by activation ×
+    Σ_m ‖d_i^m‖ (the BatchTopK score), reconstruct *both* models' residual through the
+    decoders alone; the squared error is divided by the residual's total variance, so the
+    term is ~1 whatever the activations' scale.
+
+    No leak across the partition: a B-exclusive feature's A-decoder row is zero (and masked),
+    so it reaches the loss only through its B reconstruction, and its activation reads x_B only."""
+    import torch.nn.functional as F
+
+    k_aux = min(k_aux, int(dead_F.sum()))
+    if k_aux == 0:
+        return acts_NF.sum() * 0.0
+    norm_a_F, norm_b_F = model.decoder_norms()
+    score_NF = acts_NF.detach() * (norm_a_F + norm_b_F).detach()
+    score_NF = torch.where(dead_F[None, :], score_NF, torch.full_like(score_NF, -1.0))
+    feature_NK = score_NF.topk(k_aux, dim=-1, sorted=False).indices
+    value_NK = acts_NF.gather(1, feature_NK)
+    sq_err, total_var = acts_NF.new_zeros(()), acts_NF.new_zeros(())
+    for W_FD, resid_ND in ((model.W_dec_FA, resid_NA), (model.W_dec_FB, resid_NB)):
+        resid_ND = resid_ND.detach().float()
+        approx_ND = F.embedding_bag(feature_NK, W_FD, mode="sum", per_sample_weights=value_NK.to(W_FD.dtype))
+        sq_err = sq_err + (resid_ND - approx_ND.float()).pow(2).sum()
+        total_var = total_var + (resid_ND - resid_ND.mean(0)).pow(2).sum()
+    return sq_err / total_var.clamp_min(1e-12)
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor
@@ -324,10 +372,19 @@ def training_forward(
     resid_NA, resid_NB = x_NA - xhat_NA, x_NB - xhat_NB
     sq_err_a, sq_err_b = resid_NA.pow(2).sum(), resid_NB.pow(2).sum()
     N = x_NA.shape[0]
-    recon = (sq_err_a + sq_err_b) / N
+    if tc.recon_loss == "l2":
+        # eps keeps the gradient finite for a token reconstructed exactly.
+        norm_err_a = (resid_NA.pow(2).sum(-1) + 1e-12).sqrt()
+        norm_err_b = (resid_NB.pow(2).sum(-1) + 1e-12).sqrt()
+        recon = (norm_err_a.mean() + norm_err_b.mean()) / 2
+    else:
+        recon = (sq_err_a + sq_err_b) / N
     k_aux = tc.k_aux if tc.k_aux is not None else min(512, (model.cfg.d_a + model.cfg.d_b) // 4)
-    aux_a, aux_b = aux_k_losses(model, acts_NF, resid_NA, resid_NB, dead_F, k_aux)
-    aux = aux_a + aux_b
+    if tc.aux_form == "joint":
+        aux = aux_k_joint(model, acts_NF, resid_NA, resid_NB, dead_F, k_aux)
+    else:
+        aux_a, aux_b = aux_k_losses(model, acts_NF, resid_NA, resid_NB, dead_F, k_aux)
+        aux = aux_a + aux_b
     return StepOutput(
         loss=recon + tc.aux_coef * aux,
         aux_loss=aux.detach(),
@@ -361,6 +418,7 @@ class TrainResult:
     l0: float
     dead_fraction: float
     resumed_from: int | None = None
+    dead_blocks: dict[str, float] = dataclasses.field(default_factory=dict)  # dead_a/dead_b/dead_shared
 
 
 class Trainer:
@@ -658,6 +716,7 @@ def train(
         l0=last.get("l0", float("nan")),
         dead_fraction=last.get("dead_fraction", float("nan")),
         resumed_from=resumed_from,
+        dead_blocks={key: value for key, value in last.items() if key.startswith("dead_") and key != "dead_fraction"},
     )
 
 
@@ -671,11 +730,22 @@ def _log_line(trainer: Trainer, window: _MetricWindow, step: int, elapsed: float
         "fve_b": 1.0 - float(window.err_b) / max(float(window.var_b), 1e-12),
         "l0": float(window.active) / max(window.tokens, 1),
         "dead_fraction": float(trainer.dead_mask().float().mean()),
+        **dead_by_block(trainer.model, trainer.dead_mask()),
         "k": k_at(step - 1, trainer.cc, trainer.tc),
         "lr": lr_at(step - 1, trainer.tc),
         "threshold": float(trainer.model.threshold),
         "elapsed_s": round(elapsed, 3),
     }
+
+
+def dead_by_block(model: Crosscoder, dead_F: torch.Tensor) -> dict[str, float]:
+    """`dead_a`, `dead_b` (DFC only) and `dead_shared`: the dead fraction of each block."""
+    out = {}
+    for partition in ("a", "b", "shared"):
+        block = model.cfg.block(partition)
+        if len(block):
+            out[f"dead_{partition}"] = float(dead_F[block.start : block.stop].float().mean())
+    return out
 
 
 def _logged_lines(path: Path) -> list[dict[str, float]]:
@@ -814,6 +884,7 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
             fve_b=m.get("fve_b", float("nan")),
             l0=m.get("l0", float("nan")),
             dead_fraction=m.get("dead_fraction", float("nan")),
+            dead_blocks={key: m[key] for key in ("dead_a", "dead_b", "dead_shared") if key in m},
         )
     from xdiff_cli.store import ActivationStore
 
@@ -825,7 +896,8 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     if not main:  # rank 0 records the metrics
         return result
     run.set_metrics(
-        fve_a=result.fve_a, fve_b=result.fve_b, l0=result.l0, dead_fraction=result.dead_fraction
+        fve_a=result.fve_a, fve_b=result.fve_b, l0=result.l0, dead_fraction=result.dead_fraction,
+        **result.dead_blocks,
     )
     return result
 

@@ -52,6 +52,7 @@ def train(
     console.print(
         f"FVE A {m.get('fve_a', float('nan')):.3f}  FVE B {m.get('fve_b', float('nan')):.3f}  "
         f"L0 {m.get('l0', float('nan')):.1f}  dead {m.get('dead_fraction', float('nan')):.1%}"
+        + _dead_blocks_text(m)
     )
     console.print(f"crosscoder: {run.crosscoder_dir / 'final'}")
     console.print(f"checkpoints: {run.crosscoder_dir / 'checkpoints'}")
@@ -59,3 +60,9 @@ def train(
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+
+
+def _dead_blocks_text(metrics: dict, prefix: str = "") -> str:
+    from xdiff_cli.console import dead_blocks_text
+
+    return dead_blocks_text(metrics, prefix)

@@ -56,6 +56,8 @@ class FeaturesScreen(Screen):
         self.run, self.index = run, index
         self.search_debounce = search_debounce
         self.blocks = index.block_counts()
+        # Open on the first exclusive block whose best-ranked feature is alive (never a page of dead ones).
+        self.set_reactive(FeaturesScreen.partition, self._opening_partition())
         self._search_timer: Timer | None = None
         self._shown_feature_id: int | None = None
         self._effects: dict[int, dict[str, Any]] = {}  # feature id -> token effects, computed once
@@ -80,7 +82,11 @@ class FeaturesScreen(Screen):
     # --- layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Tabs(*(Tab(self.tab_label(p), id=f"tab-{p}") for p in PARTITIONS), id="partition-tabs")
+        yield Tabs(
+            *(Tab(self.tab_label(p), id=f"tab-{p}") for p in PARTITIONS),
+            id="partition-tabs",
+            active=f"tab-{self.partition}",
+        )
         with Horizontal(id="search-row"):
             yield Input(placeholder="search examples…  (/)", id="search", compact=True)
             yield Static("", id="list-status")
@@ -88,6 +94,15 @@ class FeaturesScreen(Screen):
             yield FeatureTable(id="feature-table")
             yield FeatureDetail(id="feature-detail")
         yield Footer()
+
+    def _opening_partition(self) -> str:
+        """The first exclusive tab whose best-ranked feature is alive, else "all" (ranked:
+        live candidates first), so the browser never opens on a page of dead features."""
+        for partition in ("a", "b"):
+            top = self.index.features(partition=partition, sort="rank", limit=1)
+            if top and top[0].alive:
+                return partition
+        return "all"
 
     def on_resize(self, event: events.Resize) -> None:
         # Below NARROW_WIDTH the detail pane goes under the list instead of beside it.
