@@ -17,11 +17,10 @@ step is exactly one process's batch. Parameters start identical (same seed) and 
   and stepped identically on every rank;
 - the decoder-bias initialisation uses the whole first global batch, the inference threshold
   EMA the global smallest kept score, and the dead-feature counters the global "fired" mask
-  (a max-reduce), so the running state is the one a single process would have.
+  (a max-reduce), so the running state is the one a single process would have;
+- the joint AuxK divides by the global batch's residual variance (one all-reduce of its sums).
 
-What is not bit-equal: floating-point sums happen in another order (a few ulps per step),
-and terms normalised *inside* the loss by a batch statistic (the joint AuxK's residual
-variance) use the rank's rows.
+What is not bit-equal: floating-point sums happen in another order (a few ulps per step).
 Checkpoints are written by rank 0 only (atomically, as in a single process), and every rank
 resumes from the same global data position, so a run can resume with another world size.
 """
@@ -199,6 +198,25 @@ def global_batch_topk(model: Any, d: Dist) -> None:
     object.__setattr__(model, "batch_topk", batch_topk)
 
 
+def global_residual_variance(model: Any, d: Dist) -> None:
+    """Make the joint AuxK divide by the *global* batch's residual variance (`training._residual_variance`).
+
+    Each rank's term is W·sq_err_rank / var_global, so the averaged gradient and the averaged
+    logged term are the single-process ones."""
+    import torch
+    import torch.distributed as dist
+
+    def variance(resid_ND: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _Timed(d):
+            r = resid_ND.detach().double()
+            stats = torch.cat([r.new_tensor([r.shape[0]]), r.pow(2).sum().reshape(1), r.sum(0)])
+            dist.all_reduce(stats)
+            total = stats[1] - stats[2:].pow(2).sum() / stats[0]
+        return (total / d.world).to(resid_ND.dtype)
+
+    object.__setattr__(model, "global_residual_variance", variance)
+
+
 def attach(trainer: Any, d: Dist) -> None:
     """Turn a `training.Trainer` into one rank of a data-parallel world (see the module doc)."""
     import torch
@@ -206,6 +224,7 @@ def attach(trainer: Any, d: Dist) -> None:
 
     trainer.batches = RankBatches(trainer.batches, d)
     global_batch_topk(trainer.model, d)
+    global_residual_variance(trainer.model, d)
     # Same seed → same init everywhere; broadcast anyway so no rank can drift from rank 0.
     with torch.no_grad():
         for tensor in list(trainer.model.parameters()) + list(trainer.model.buffers()):

@@ -336,8 +336,17 @@ def aux_k_joint(
         resid_ND = resid_ND.detach().float()
         approx_ND = F.embedding_bag(feature_NK, W_FD, mode="sum", per_sample_weights=value_NK.to(W_FD.dtype))
         sq_err = sq_err + (resid_ND - approx_ND.float()).pow(2).sum()
-        total_var = total_var + (resid_ND - resid_ND.mean(0)).pow(2).sum()
+        total_var = total_var + _residual_variance(model, resid_ND)
     return sq_err / total_var.clamp_min(1e-12)
+
+
+def _residual_variance(model: Crosscoder, resid_ND: torch.Tensor) -> torch.Tensor:
+    """Σ (r − mean)² over the batch; under torchrun the global batch's, divided by the world
+    size (`distributed.attach`), so the ranks' AuxK terms average to the single-process one."""
+    variance = getattr(model, "global_residual_variance", None)
+    if variance is not None:
+        return variance(resid_ND)
+    return (resid_ND - resid_ND.mean(0)).pow(2).sum()
 
 
 @dataclass
