@@ -21,10 +21,11 @@ Where the dense step spends its time and what replaces it:
 * Decoder. Reads only the kept rows (`embedding_bag` with per-sample weights).
 
 Two routes that differ in how they pick, never in what they compute:
-`sync_free=False` (CPU) uses data-dependent sizes (the pre-filter, the dead-column gather),
-which cost a host synchronisation each on a GPU; `sync_free=True` (CUDA) keeps every size
-fixed: full top-k, AuxK over all columns with live ones masked out and a zero weight for
-live picks. Both routes run and are compared on CPU in the tests.
+`sync_free=False` (CPU) uses data-dependent sizes (the pre-filter, the dead-column gather,
+the sparse product's coalescing), which cost a host synchronisation each on a GPU;
+`sync_free=True` (CUDA) keeps every size fixed: full top-k, AuxK over all columns with live
+ones masked out and a zero weight for live picks, the encoder gradient as a dense matmul of
+the scattered [N, F] gradient. Both routes run and are compared on CPU in the tests.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class _PickedPreacts(torch.autograd.Function):
     def forward(ctx, values_K, token_K, feature_K, x_NA, x_NB, W_enc_AF, W_enc_BF, b_enc_F, dense_grad):  # noqa: ANN001
         ctx.save_for_backward(values_K, token_K, feature_K, x_NA, x_NB)
         ctx.dict_size, ctx.dense_grad = b_enc_F.shape[0], dense_grad
+        # Backward runs outside autocast: keep its matmul in the forward's autocast dtype.
+        cuda_amp = x_NA.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        ctx.mm_dtype = torch.get_autocast_dtype("cuda") if cuda_amp else torch.float32
         ctx.dtypes = (W_enc_AF.dtype, W_enc_BF.dtype, b_enc_F.dtype)
         return values_K.clone()
 
@@ -77,9 +81,13 @@ class _PickedPreacts(torch.autograd.Function):
         values_K, token_K, feature_K, x_NA, x_NB = ctx.saved_tensors
         F_, N = ctx.dict_size, x_NA.shape[0]
         grad_K = torch.where(values_K > 0, grad_K, torch.zeros_like(grad_K)).float()  # ReLU
-        if ctx.dense_grad:  # small dictionaries: a dense matmul beats the sparse product's sort
-            G_NF = grad_K.new_zeros(N * F_).index_put_((token_K * F_ + feature_K,), grad_K, accumulate=True).view(N, F_)
-            product = lambda x_ND: x_ND.float().t() @ G_NF  # noqa: E731
+        if ctx.dense_grad:
+            # Small dictionaries: a dense matmul beats the sparse product's sort. CUDA: the
+            # sparse product coalesces (a data-dependent size, so a host sync); the dense one
+            # does not, and in bf16 it costs one more encoder-sized matmul.
+            G_NF = grad_K.new_zeros(N * F_).index_put_((token_K * F_ + feature_K,), grad_K, accumulate=True)
+            G_NF = G_NF.view(N, F_).to(ctx.mm_dtype)
+            product = lambda x_ND: (x_ND.to(ctx.mm_dtype).t() @ G_NF).float()  # noqa: E731
         else:  # sparse [F, N] gradient of the pre-activations (transposed), times x: [F, D]
             S_FN = torch.sparse_coo_tensor(torch.stack([feature_K, token_K]), grad_K, (F_, N), check_invariants=False)
             product = lambda x_ND: torch.sparse.mm(S_FN, x_ND.float()).t()  # noqa: E731
@@ -210,7 +218,7 @@ def sparse_forward(
         picks = Picks(torch.cat([token_K, aux_token]), torch.cat([feature_K, aux_feature_NK.flatten()]))
     else:
         picks = Picks(token_K, feature_K)
-    values = picked_values(model, pre_NF, picks, x_NA, x_NB, dense_grad=dense)
+    values = picked_values(model, pre_NF, picks, x_NA, x_NB, dense_grad=dense or sync_free)
     value_K = values[: flat_K.numel()]
     if dense:
         f_NF = value_K.new_zeros(N * F_).index_put((flat_K,), value_K).view(N, F_)
