@@ -703,18 +703,9 @@ class _Progress:
 
 def analysis_is_valid(path: Path) -> bool:
     """A complete index exists at `path` (written by this xdiff schema)."""
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.integrity import analysis_problem
 
-    if not Path(path).is_file():
-        return False
-    try:
-        index = FeatureIndex.open(path)
-    except XdiffError:
-        return False
-    try:
-        return bool(index.meta.get("complete"))
-    finally:
-        index.close()
+    return Path(path).is_file() and analysis_problem(path) is None
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -725,12 +716,25 @@ def pick_device(requested: str = "auto") -> str:
 
 def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noqa: ANN001 - runs.Run
     """The analyse stage of a run: `run.analysis_path`, computed once (idempotent)."""
+    from xdiff_cli.atomic import clean_temp_files
     from xdiff_cli.crosscoder import Crosscoder
+    from xdiff_cli.integrity import crosscoder_problem, store_problem
     from xdiff_cli.store import ActivationStore
 
     path = run.analysis_path
+    clean_temp_files(path.parent, recursive=False)  # a killed analysis' .analysis.sqlite.*.tmp(-journal)
     if not force and analysis_is_valid(path):
         return path
+    final = run.crosscoder_dir / "final"
+    damaged = []  # missing ones get their own "train/harvest first" errors below
+    if (final / "model.safetensors").exists():
+        damaged.append(("trained crosscoder", crosscoder_problem(final)))
+    if (run.store_dir / "manifest.json").exists():
+        damaged.append(("activation store", store_problem(run.store_dir)))
+    for what, problem in damaged:
+        if problem:
+            raise XdiffError(f"the {what} of run {run.id} is damaged ({problem})",
+                             "rerun `xdiff run` for this run: it redoes damaged stages")
     settings = run.settings
     device = pick_device(settings.device)
     crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=device)

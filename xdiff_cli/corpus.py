@@ -80,9 +80,25 @@ def _record_to_document(record: Any) -> tuple[str, list[dict[str, str]] | None] 
     return None
 
 
+# A document longer than this is cut while it is read (the harvest keeps far less of it).
+MAX_DOCUMENT_CHARS = 1_000_000
+
+
+def _bounded_lines(fh: Any, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """Lines of at most `limit` characters; the rest of a longer line is skipped unread-into-memory."""
+    while True:
+        line = fh.readline(limit)
+        if not line:
+            return
+        if not line.endswith("\n"):
+            while (rest := fh.readline(limit)) and not rest.endswith("\n"):
+                pass
+        yield line
+
+
 def _read_txt(path: Path) -> Iterator[tuple[str, None]]:
     with path.open(encoding="utf-8", errors="replace") as fh:
-        for line in fh:
+        for line in _bounded_lines(fh):
             line = line.rstrip("\n")
             if line.strip():
                 yield line, None
@@ -202,7 +218,9 @@ def check_corpus(spec: str) -> None:
     """Fail fast (before loading models) when a local corpus source is missing or unreadable."""
     for source in parse_sources(spec):
         if not source.startswith(("hf:", "builtin:")):
-            _open_source(source, seed=0)
+            if next(_open_source(source, seed=0), None) is None:
+                raise XdiffError(f"corpus file {source} has no documents (it is empty or whitespace only)",
+                                 "pass a file with text: one document per line (.txt) or one JSON record per line (.jsonl)")
         elif source.startswith("builtin:") and source != "builtin:smoke":
             _open_source(source, seed=0)
 

@@ -148,6 +148,48 @@ def _example_from_row(row: sqlite3.Row) -> Example:
     )
 
 
+class _GuardedConnection:
+    """A read connection whose damaged-file errors (met lazily, page by page) are user errors."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db, self._path = db, path
+
+    def _corrupt(self, exc: sqlite3.DatabaseError) -> XdiffError:
+        return XdiffError(f"the analysis database {self._path} is corrupt ({exc})", "rerun `xdiff analyze --force`")
+
+    def execute(self, sql: str, params: Any = ()) -> _GuardedCursor:
+        try:
+            return _GuardedCursor(self._db.execute(sql, params), self)
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else: the plain connection
+        return getattr(self._db, name)
+
+
+class _GuardedCursor:
+    def __init__(self, cursor: sqlite3.Cursor, owner: _GuardedConnection) -> None:
+        self._cursor, self._owner = cursor, owner
+
+    def fetchone(self) -> Any:
+        try:
+            return self._cursor.fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise self._owner._corrupt(exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return self._cursor.fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._owner._corrupt(exc) from exc
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.fetchall())
+
+
 class FeatureIndex:
     """Read-only queries over a run's `analysis.sqlite`."""
 
@@ -168,7 +210,7 @@ class FeatureIndex:
             raise XdiffError(f"the analysis database {path} is corrupt", "rerun `xdiff analyze`") from exc
         if version is None or json.loads(version[0]) != SCHEMA_VERSION:
             raise XdiffError(f"{path} was written by another xdiff version", "rerun `xdiff analyze`")
-        return cls(db, path)
+        return cls(_GuardedConnection(db, path), path)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._db.close()

@@ -31,7 +31,7 @@ import numpy as np
 
 from xdiff_cli.alignment import AlignedPairs, align, token_spans
 from xdiff_cli.arch import layer_output_tensor
-from xdiff_cli.corpus import Document, iter_documents, render_document
+from xdiff_cli.corpus import MESSAGE_SEPARATOR, Document, canonical_chat_text, iter_documents, render_document
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.store import DTYPES, ActivationStore, Shard, StoreWriter
 
@@ -66,6 +66,14 @@ def estimate_bytes(tokens: int, d_a: int, d_b: int, dtype: str = "bfloat16") -> 
     return int(tokens * per_pair * DISK_HEADROOM)
 
 
+def format_size(n_bytes: float) -> str:
+    """Bytes in the largest unit that keeps a digit before the point: '512 B', '3.4 MB', '1.25 GB'."""
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n_bytes) >= factor:
+            return f"{n_bytes / factor:.3g} {unit}"
+    return f"{int(n_bytes)} B"
+
+
 def check_disk_space(directory: Path, need_bytes: int) -> None:
     probe = Path(directory)
     while not probe.exists():
@@ -73,9 +81,47 @@ def check_disk_space(directory: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
         raise XdiffError(
-            f"harvest needs about {need_bytes / 1e9:.2f} GB in {directory} but only {free / 1e9:.2f} GB is free",
+            f"harvest needs about {format_size(need_bytes)} in {directory} but only {format_size(free)} is free",
             "free space, point XDIFF_HOME at a bigger disk, or lower --tokens",
         )
+
+
+# --- the harvested window of a document ----------------------------------------------------
+
+# Only the first `context_length` tokens of a document are harvested, so only a window of
+# characters is read, tokenized and stored: memory is bounded by the batch, not by the
+# longest line. 16 characters per token is generous (English averages about 4).
+WINDOW_CHARS_PER_TOKEN = 16
+
+
+def window_chars(context_length: int) -> int:
+    return context_length * WINDOW_CHARS_PER_TOKEN
+
+
+def clip_document(document: Document, max_chars: int) -> Document:
+    """The document cut to its first `max_chars` characters (at a word boundary when there
+    is one nearby), so a 19 MB line costs what its harvested tokens cost. Chats keep whole
+    messages while they fit and cut the message that crosses the limit."""
+    if len(document.text) <= max_chars:
+        return document
+    if not document.is_chat:
+        return Document(document.doc_id, _cut(document.text, max_chars), None)
+    messages, used = [], 0
+    for message in document.messages:
+        room = max_chars - used
+        if room <= 0:
+            break
+        content = message["content"] if len(message["content"]) <= room else _cut(message["content"], room)
+        messages.append({**message, "content": content})
+        used += len(content) + len(MESSAGE_SEPARATOR)
+    return Document(document.doc_id, canonical_chat_text(messages), messages)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """`text[:max_chars]`, backed off to the last whitespace in its final eighth (no split word)."""
+    head = text[:max_chars]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    return head[:space] if space >= max_chars - max_chars // 8 else head
 
 
 # --- tokenization + alignment ---------------------------------------------------------------
@@ -242,6 +288,12 @@ def harvest_batch(
     hidden_b = layer_activations(model_b, [enc_b[i].input_ids for i in rows], layer_b)
     acts_b = gather_pairs(hidden_b, list(range(len(rows))), [aligned[i].pos_b for i in rows])
     del hidden_b
+    for side, acts, layer in (("A", acts_a, layer_a), ("B", acts_b, layer_b)):
+        if not bool(torch.isfinite(acts).all()):
+            raise XdiffError(
+                f"model {side} produced NaN or infinite activations at layer {layer}",
+                "it overflows at this precision or layer: try another --layer or no quantization",
+            )
     keep = outlier_mask(acts_a.norm(dim=-1), acts_b.norm(dim=-1)).numpy()
     out, offset = [], 0
     for i in rows:
@@ -391,6 +443,8 @@ def harvest(
         stream: Iterable[Document] = iter_documents(documents, seed=seed, start=start)
     else:
         stream = (doc for doc in documents if doc.doc_id >= start)
+    max_chars = window_chars(context_length)
+    stream = (clip_document(doc, max_chars) for doc in stream)
     torch_dtype = getattr(torch, dtype)
     pending = _PendingShard()
     totals = dict(manifest["stats"])
@@ -442,6 +496,13 @@ def harvest(
                 future.result()
     finally:
         writer_thread.shutdown(wait=True)
+    if done == 0:
+        corpus_name = identity["corpus"]
+        if not totals.get("documents"):
+            raise XdiffError(f"the corpus {corpus_name} has no documents (it is empty or whitespace only)",
+                             "pass a corpus with text: a .txt (one document per line) or .jsonl file")
+        raise XdiffError(f"the corpus {corpus_name} yielded no aligned tokens from {int(totals['documents'])} documents",
+                         "check that the documents contain text both tokenizers can read")
     if done < tokens and progress:
         from xdiff_cli.console import err_console
 

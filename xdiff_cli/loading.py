@@ -88,6 +88,15 @@ class ModelDirInfo:
     prequantized: str | None  # quant_method of weights shipped quantised (e.g. "mxfp4")
 
 
+def model_name(path: Path | str) -> str:
+    """What the user calls the model in `path`: the repo id for a hub-cache snapshot
+    (`…/models--org--name/snapshots/<sha>` → `org/name`), the folder name otherwise."""
+    path = Path(path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name[len("models--"):].replace("--", "/")
+    return path.name
+
+
 def inspect_model_dir(path: Path | str, *, trust_remote_code: bool = False) -> ModelDirInfo:
     """Reject, with one line, what cannot load as a causal LM: encoders, custom code, unknown types."""
     import json
@@ -107,7 +116,7 @@ def inspect_model_dir(path: Path | str, *, trust_remote_code: bool = False) -> M
     model_type = str(config.get("model_type", ""))
     architectures = tuple(config.get("architectures") or ())
     custom = "AutoModelForCausalLM" in (config.get("auto_map") or {})
-    name = path.name
+    name = model_name(path)
     if model_type not in CONFIG_MAPPING_NAMES:
         if custom and not trust_remote_code:
             raise XdiffError(
@@ -175,7 +184,7 @@ def load_model(
         message = str(exc).splitlines()[0]
         if "trust_remote_code" in message or "custom code" in message:
             raise XdiffError(
-                f"{path.name} needs custom code to load", "rerun with --trust-remote-code if you trust it"
+                f"{model_name(path)} needs custom code to load", "rerun with --trust-remote-code if you trust it"
             ) from exc
         raise XdiffError(f"cannot load {path} as a causal LM: {message}") from exc
     if qconfig is None and not info.prequantized:

@@ -550,13 +550,33 @@ def execute(run: Run, ctx: StageContext, on_stage: Any = None) -> list[str]:
     `on_stage(index, stage)` is called before each (the CLI prints a header there)."""
     ran = []
     for index, stage in enumerate(STAGES):
-        if run.stage_done(stage):
+        if run.stage_done(stage) and not _redo_if_corrupt(run, stage):
             continue
         if on_stage is not None:
             on_stage(index, stage)
         run_stage(run, stage, ctx)
         ran.append(stage)
     return ran
+
+
+def _redo_if_corrupt(run: Run, stage: str) -> bool:
+    """A done stage whose artifacts were damaged since is redone (with later stages), and says so."""
+    from xdiff_cli.integrity import stage_problem
+
+    problem = stage_problem(run, stage)
+    if problem is None:
+        return False
+    from rich.markup import escape
+
+    from xdiff_cli.console import err_console
+
+    err_console.print(f"[yellow]note:[/] the {stage} output of run {run.id} is damaged ({escape(problem)}); redoing {stage}")
+    if stage == "train":  # keep the checkpoints: training resumes from the last good one
+        shutil.rmtree(Path(run.crosscoder_dir) / "final", ignore_errors=True)
+        run.clear_stages_from(stage)
+    else:
+        restart_from(run, stage)
+    return True
 
 
 def stage_artifacts(run: Run) -> dict[str, list[Path]]:

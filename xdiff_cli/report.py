@@ -78,10 +78,12 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
 
 def write_report(run, out: Path | None = None, fmt: str = "html", top: int = 10) -> Path:  # noqa: ANN001
     from xdiff_cli.atomic import write_text
+    from xdiff_cli.safe_text import inert
 
     data = gather(run, top=top)
     path = Path(out) if out else run.dir / f"report.{fmt}"
-    write_text(path, render_html(data) if fmt == "html" else render_markdown(data))
+    # The templates hold no control characters: any in the document came from the corpus/models.
+    write_text(path, inert(render_html(data) if fmt == "html" else render_markdown(data)))
     return path
 
 

@@ -23,6 +23,7 @@ on that answer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -394,6 +395,8 @@ class Steerer:
         notes = []
         total_D: torch.Tensor | None = None
         for feature, scale in features:
+            if not math.isfinite(scale):
+                raise XdiffError(f"the scale of feature {feature} must be a finite number, got {scale}")
             s_max = self.s_max(feature)
             if s_max <= 0:
                 notes.append(f"feature {feature} never fired on the corpus (s_max = 0): steering it changes nothing")

@@ -17,14 +17,22 @@ Normalised activation = raw × scale (scale makes the median norm √((d_a+d_b)/
 
 from __future__ import annotations
 
-import errno
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli.atomic import atomic_path, disk_full_error, read_json, write_json
+from xdiff_cli.atomic import (
+    atomic_path,
+    clean_temp_files,
+    disk_full_error,
+    is_disk_full,
+    read_json,
+    record_checksum,
+    write_json,
+)
 from xdiff_cli.errors import XdiffError
 
 FORMAT_VERSION = 1
@@ -71,9 +79,28 @@ def load_shard_file(path: Path) -> Shard:
 
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise XdiffError(f"activation shard {path} is unreadable ({exc})", "delete the run's activations/ and harvest again") from exc
-    return Shard(**{name: tensors[name] for name in ("acts_a", "acts_b", "doc_id", "start_a", "start_b", "end")})
+        shard = Shard(**{name: tensors[name] for name in ("acts_a", "acts_b", "doc_id", "start_a", "start_b", "end")})
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise XdiffError(
+            f"activation shard {path} is unreadable ({exc})", "rerun `xdiff run` to harvest again (it redoes a corrupt store)"
+        ) from exc
+    check_finite(shard, path)
+    return shard
+
+
+def check_finite(shard: Shard, where: Any) -> None:
+    """NaN/inf activations (an overflowing model, a corrupted file) are refused, not trained on."""
+    import torch
+
+    for name in ("acts_a", "acts_b"):
+        values = getattr(shard, name)
+        if values.numel() and not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).any(dim=-1).sum())
+            raise XdiffError(
+                f"{bad} token(s) of {name} in {where} are NaN or infinite",
+                "delete that activations/ directory and harvest again; if it recurs, the model overflows at "
+                "this layer or precision (try another --layer, or no quantization)",
+            )
 
 
 @dataclass
@@ -135,6 +162,12 @@ class ActivationStore:
         manifest = read_json(directory / MANIFEST, "activation store manifest")
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             raise XdiffError(f"activation store at {directory} has an unknown format", "delete it and harvest again")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise XdiffError(
+                f"the activation store manifest at {directory} is corrupt ({problem})",
+                "delete that activations/ directory (or rerun `xdiff run`, which redoes a corrupt harvest)",
+            )
         if require_complete and not manifest.get("complete"):
             raise XdiffError(
                 f"the activation store at {directory} is incomplete (interrupted harvest)",
@@ -172,13 +205,70 @@ class ActivationStore:
             with (self.dir / DOCUMENTS).open("rb") as fh:
                 offset = 0
                 for line in fh:
-                    self._doc_offsets[json.loads(line)["doc_id"]] = offset
+                    self._doc_offsets[self._document_record(line)["doc_id"]] = offset
                     offset += len(line)
         if doc_id not in self._doc_offsets:
-            raise KeyError(f"document {doc_id} is not in the store")
+            raise XdiffError(
+                f"document {doc_id} is missing from {self.dir / DOCUMENTS} (the file is truncated)",
+                "rerun `xdiff run` for this run: it redoes a damaged harvest",
+            )
         with (self.dir / DOCUMENTS).open("rb") as fh:
             fh.seek(self._doc_offsets[doc_id])
-            return json.loads(fh.readline())["text"]
+            return self._document_record(fh.readline())["text"]
+
+    def _document_record(self, line: bytes) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("doc_id"), int) and isinstance(record.get("text"), str):
+                return record
+        except ValueError:
+            pass
+        raise XdiffError(
+            f"{self.dir / DOCUMENTS} is damaged (a line is cut short or not a document record)",
+            "rerun `xdiff run` for this run: it redoes a damaged harvest",
+        )
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a manifest (a field missing or of the wrong type), if anything."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "no 'shards' list"
+    for entry in shards:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("n_tokens"), int):
+            return "a 'shards' entry lacks its name or token count"
+        if Path(entry["name"]).name != entry["name"]:
+            return f"shard name {entry['name']!r} is not a plain file name"
+    for key in ("n_tokens", "documents_bytes", "next_doc_index"):
+        if not isinstance(manifest.get(key), int):
+            return f"'{key}' is missing or not an integer"
+    if manifest.get("complete"):
+        eval_start = manifest.get("eval_start_shard")
+        if not isinstance(eval_start, int) or not 0 < eval_start < len(shards):
+            return "'eval_start_shard' is missing or out of range"
+        for key in ("scale_a", "scale_b"):
+            value = manifest.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                return f"'{key}' is missing or not a positive number"
+    return None
+
+
+def _only_a_skeleton(directory: Path) -> bool:
+    """True when `directory` holds nothing but what a harvest killed before its first manifest
+    left (empty shards/, empty documents.jsonl, checksums, temporaries): safe to start over."""
+    from xdiff_cli.atomic import SUMS_FILE
+
+    clean_temp_files(directory)
+    for path in directory.iterdir():
+        if path.name == SHARDS_DIR and path.is_dir():
+            if any(p.name != SUMS_FILE for p in path.iterdir()):
+                return False
+        elif path.name == DOCUMENTS and path.is_file():
+            if path.stat().st_size:
+                return False
+        elif path.name != SUMS_FILE:
+            return False
+    return True
 
 
 def mismatched_fields(manifest: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -208,7 +298,7 @@ class StoreWriter:
             writer = cls(directory, manifest)
             writer._discard_partial_writes()
             return writer
-        if directory.exists() and any(directory.iterdir()):
+        if directory.exists() and not _only_a_skeleton(directory):
             raise XdiffError(
                 f"{directory} exists but holds no activation store manifest",
                 "delete it or choose another run/output directory",
@@ -229,6 +319,7 @@ class StoreWriter:
         }
         (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         (directory / DOCUMENTS).touch()
+        record_checksum(directory / DOCUMENTS)
         writer = cls(directory, manifest)
         writer._save()
         return writer
@@ -245,10 +336,12 @@ class StoreWriter:
         docs = self.dir / DOCUMENTS
         with docs.open("ab") as fh:
             fh.truncate(self.manifest["documents_bytes"])
+        record_checksum(docs)
         listed = {s["name"] for s in self.manifest["shards"]}
-        for path in (self.dir / SHARDS_DIR).glob("*"):
+        for path in (self.dir / SHARDS_DIR).glob("shard-*"):
             if path.name not in listed:
                 path.unlink()
+        clean_temp_files(self.dir)
 
     def write_shard(
         self, shard: Shard, documents: list[tuple[int, str]], next_doc_index: int, stats: dict[str, float]
@@ -273,9 +366,10 @@ class StoreWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 raise disk_full_error(docs) from exc
             raise
+        record_checksum(docs)
         first_doc = int(shard.doc_id[0]) if len(shard) else None
         self.manifest["shards"].append({"name": name, "n_tokens": len(shard), "first_doc_id": first_doc})
         self.manifest["n_tokens"] += len(shard)

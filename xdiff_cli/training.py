@@ -501,6 +501,8 @@ class Trainer:
     def save_checkpoint(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
+        from xdiff_cli.atomic import atomic_path, write_json
+
         tmp = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -515,7 +517,8 @@ class Trainer:
             tensors[f"adam.exp_avg.{name}"] = st["exp_avg"].detach().cpu().contiguous()
             tensors[f"adam.exp_avg_sq.{name}"] = st["exp_avg_sq"].detach().cpu().contiguous()
             tensors[f"adam.step.{name}"] = torch.as_tensor(st["step"]).float().cpu().reshape(1)
-        save_file(tensors, str(tmp / "trainer.safetensors"))
+        with atomic_path(tmp / "trainer.safetensors") as part:  # records the checksum too
+            save_file(tensors, str(part))
         state = {
             "step": self.step,
             "threshold_count": self.threshold_count,
@@ -523,7 +526,7 @@ class Trainer:
             "crosscoder_config": dataclasses.asdict(self.cc),
             "train_config": dataclasses.asdict(self.tc),
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        write_json(tmp / "state.json", state)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -557,6 +560,51 @@ class Trainer:
         self.step = state["step"]
         self.threshold_count = state["threshold_count"]
         self.batches.seek(DataPosition(**state["data_position"]))
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` cannot be resumed from (damaged files), or None."""
+    from xdiff_cli.atomic import recorded_mismatch
+    from xdiff_cli.integrity import crosscoder_problem, safetensors_problem
+
+    problem = crosscoder_problem(directory) or safetensors_problem(directory / "trainer.safetensors")
+    if problem:
+        return problem
+    try:
+        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "state.json is unreadable"
+    needed = ("step", "threshold_count", "data_position", "crosscoder_config", "train_config")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        return "state.json lacks fields"
+    reason = recorded_mismatch(directory / "state.json")
+    return f"state.json: {reason}" if reason else None
+
+
+def _resume(trainer: Trainer, out_dir: Path, make_trainer) -> Trainer:  # noqa: ANN001 - () -> Trainer
+    """Load the newest sound checkpoint; damaged ones are named, removed and skipped.
+
+    Returns the trainer to continue with (a fresh one when a damaged checkpoint was
+    half-loaded, or when none is usable and training restarts from step 0)."""
+    from xdiff_cli.console import err_console
+
+    checkpoints = checkpoint_dirs(out_dir)
+    for position, directory in enumerate(reversed(checkpoints)):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            try:
+                trainer.load_checkpoint(directory)
+                if position:
+                    err_console.print(f"[yellow]note:[/] resuming from the earlier checkpoint {directory.name}")
+                return trainer
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # e.g. tensor shapes
+                problem = f"it does not load ({exc.__class__.__name__})"
+                trainer = make_trainer()
+        err_console.print(f"[yellow]note:[/] checkpoint {directory.name} is damaged ({problem}); skipping it")
+        shutil.rmtree(directory, ignore_errors=True)
+    if checkpoints:
+        err_console.print("[yellow]note:[/] no usable checkpoint left; training restarts from step 0")
+    return trainer
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -624,12 +672,11 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tc.device)
-    trainer = Trainer(source, cc, tc, device)
-    resumed_from = None
-    existing = checkpoint_dirs(out_dir)
-    if existing:
-        trainer.load_checkpoint(existing[-1])
-        resumed_from = trainer.step
+    from xdiff_cli.atomic import clean_temp_files
+
+    clean_temp_files(out_dir)  # what a killed or disk-full run left half-written
+    trainer = _resume(Trainer(source, cc, tc, device), out_dir, lambda: Trainer(source, cc, tc, device))
+    resumed_from = trainer.step or None
     metrics_path = out_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, trainer.step)
     window = _MetricWindow(device)
@@ -701,29 +748,45 @@ def dead_by_block(model: Crosscoder, dead_F: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def _logged_lines(path: Path) -> list[dict[str, float]]:
+    """The complete log lines; a line cut short by a kill or a full disk is left out."""
+    lines = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("step"), int):
+            lines.append(line)
+    return lines
+
+
 def _last_logged(path: Path) -> dict[str, float]:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    lines = _logged_lines(path)
+    return lines[-1] if lines else {}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be rewritten)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    from xdiff_cli.atomic import write_text
+
+    keep = [line for line in _logged_lines(path) if line["step"] <= step]
+    write_text(path, "".join(json.dumps(line) + "\n" for line in keep))
 
 
 def _save_and_prune(trainer: Trainer, out_dir: Path) -> None:
-    import errno
+    from safetensors import SafetensorError
 
-    from xdiff_cli.atomic import disk_full_error
+    from xdiff_cli.atomic import disk_full_error, is_disk_full
 
     target = out_dir / "checkpoints" / f"step-{trainer.step:07d}"
     try:
         trainer.save_checkpoint(target)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(target.with_name(f".{target.name}.tmp"), ignore_errors=True)
+        if is_disk_full(exc):
             raise disk_full_error(target) from exc
         raise
     for old in checkpoint_dirs(out_dir)[: -trainer.tc.keep_checkpoints]:
@@ -799,7 +862,16 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     Records final metrics in run.json; marking the stage done is the caller's job."""
     out_dir = Path(run.crosscoder_dir)
     final_dir = out_dir / "final"
-    if (final_dir / "model.safetensors").is_file() and (final_dir / "config.json").is_file():
+    from xdiff_cli.integrity import crosscoder_problem
+
+    problem = crosscoder_problem(final_dir) if final_dir.exists() else "missing"
+    if problem not in (None, "missing", "model.safetensors is missing"):
+        from xdiff_cli.console import err_console
+
+        err_console.print(f"[yellow]note:[/] the trained crosscoder in {final_dir} is damaged ({problem}); "
+                          "finishing training again from the last checkpoint")
+        shutil.rmtree(final_dir, ignore_errors=True)
+    if problem is None:
         m = run.record.get("metrics", {})
         return TrainResult(
             out_dir,

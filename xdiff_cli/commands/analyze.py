@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 # Kept in sync with analysis.RANKING_HELP (that module imports torch; --help must not).
@@ -82,7 +80,9 @@ def features(
             for feature in rows:
                 feature.examples = index.examples(feature.id, view=feature.own_view, limit=examples)
                 out.append(feature.to_json(n_examples=examples))
-            typer.echo(json.dumps(out, ensure_ascii=False))
+            from xdiff_cli.safe_text import json_dumps
+
+            typer.echo(json_dumps(out))
             return
         from xdiff_cli.console import console
 
@@ -138,7 +138,9 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
     """One line of an example's text around the firing token, the token highlighted."""
     from rich.text import Text
 
-    text = example.text.replace("\n", " ").replace("\t", " ")
+    from xdiff_cli.safe_text import inert
+
+    text = inert(example.text.replace("\n", " ").replace("\t", " "))
     start, end = example.start, example.end
     token_len = end - start
     before = max(0, width - token_len - 12)
@@ -167,7 +169,9 @@ def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - Feat
         top = index.examples(feature.id, view=feature.own_view, limit=1)
         example = snippet(top[0]) if top else Text("—", style="dim")
         if feature.label:
-            example = Text(f"[{feature.label}] ", style="yellow") + example
+            from xdiff_cli.safe_text import inert
+
+            example = Text(f"[{inert(feature.label, one_line=True)}] ", style="yellow") + example
         table.add_row(
             str(feature.id),
             Text(feature.partition.upper() if feature.partition != "shared" else "shared",

@@ -16,4 +16,9 @@ def register(app: typer.Typer) -> None:
 
         if run is not None:
             resolve_run(run)  # an unknown id is a one-line error, before the screen takes over
-        XdiffApp(run_id=run).run()
+        app = XdiffApp(run_id=run)
+        app.run()
+        if app.user_error is not None:
+            raise app.user_error
+        if app.return_code:
+            raise typer.Exit(app.return_code)

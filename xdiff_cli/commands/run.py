@@ -142,6 +142,7 @@ def print_summary(summary) -> None:  # noqa: ANN001 - pipeline.Summary
     from rich.table import Table
 
     from xdiff_cli.console import console
+    from xdiff_cli.safe_text import inert
 
     m = summary.metrics
 
@@ -163,7 +164,7 @@ def print_summary(summary) -> None:  # noqa: ANN001 - pipeline.Summary
             table.add_column(col)
         for line in lines:
             table.add_row(str(line.id), escape(repr(line.top_token or "")), f"{line.frequency:.4f}",
-                          escape(line.snippet or ""))
+                          escape(inert(line.snippet or "", one_line=True)))
         if not lines:
             table.add_row("-", "(none alive)", "", "")
         console.print(table)

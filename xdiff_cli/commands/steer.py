@@ -27,6 +27,8 @@ def parse_features(specs: list[str], scale: float | None) -> list[tuple[int, flo
             raise XdiffError(f"--feature expects ID or ID:SCALE, got {spec!r}", "e.g. --feature 12 or --feature 12:-4") from None
         if value is None:
             raise XdiffError(f"no scale for feature {feature}", f"add --scale S or write --feature {feature}:S")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise XdiffError(f"the scale of feature {feature} must be a finite number, got {value}", "e.g. --scale 4 or --scale -2")
         if feature < 0:
             raise XdiffError(f"feature {feature} is out of range", "feature ids are non-negative")
         features.append((feature, value))
@@ -46,7 +48,9 @@ def _columns(baseline: str, steered: str, features: list[tuple[int, float]], tit
     table.add_column("unsteered", ratio=1, overflow="fold")
     table.add_column(f"steered ({_steered_label(features)})", ratio=1, overflow="fold", style="cyan")
     # Text objects, not markup: model output may contain [brackets].
-    table.add_row(Text(baseline.strip()), Text(steered.strip()))
+    from xdiff_cli.safe_text import inert
+
+    table.add_row(Text(inert(baseline.strip())), Text(inert(steered.strip())))
     return table
 
 
@@ -66,8 +70,6 @@ def steer(
     quant: str | None = typer.Option(None, "--quant", help="none, 8bit or 4bit (default: the run's)."),
 ) -> None:
     """Steer features and show the unsteered and steered answers side by side."""
-    import json
-
     from xdiff_cli.console import console, err_console
     from xdiff_cli.runs import resolve_run
     from xdiff_cli.steering import Steerer
@@ -95,7 +97,9 @@ def steer(
             err_console.print(f"[yellow]note:[/] {note}")
     if as_json:
         payload = [r.to_json() for r in results]
-        typer.echo(json.dumps(payload[0] if len(payload) == 1 else payload, ensure_ascii=False, indent=2))
+        from xdiff_cli.safe_text import json_dumps
+
+        typer.echo(json_dumps(payload[0] if len(payload) == 1 else payload, indent=2))
 
 
 def _stream_side(steerer, prompt, features, side, options, console):  # noqa: ANN001, ANN202

@@ -27,6 +27,16 @@ class XdiffApp(App):
     def __init__(self, run_id: str | None = None) -> None:
         super().__init__()
         self.run_id = run_id
+        self.user_error: XdiffError | None = None  # re-raised by `xdiff browse` after the screen is gone
+
+    def _handle_exception(self, error: Exception) -> None:
+        """A user error met while browsing (a damaged analysis file) ends the app with that
+        one line and exit code 1, not Textual's traceback."""
+        if isinstance(error, XdiffError):
+            self.user_error = error
+            self.exit(return_code=1)
+            return
+        super()._handle_exception(error)
 
     def on_mount(self) -> None:
         self.start()

@@ -7,6 +7,7 @@ from rich.style import Style
 from rich.text import Text
 
 from xdiff_cli.feature_index import Example
+from xdiff_cli.safe_text import inert
 
 # Shade from a dark neutral (no activation) to a warm orange (the feature's s_max).
 _COLD = (40, 40, 48)
@@ -22,7 +23,7 @@ def activation_color(act: float, max_act: float) -> Color:
 
 def shade_example(example: Example, max_act: float) -> Text:
     """The example's text; tokens that fire get a background, the firing token is bold+underlined."""
-    text = Text(example.text.replace("\n", "⏎"))
+    text = Text(inert(example.text.replace("\n", "⏎")))
     for start, end, act in example.token_acts:
         if act <= 0 or end <= start:
             continue

@@ -10,6 +10,7 @@ from textual.widgets import Static
 
 from xdiff_cli.console import sparkline
 from xdiff_cli.feature_index import Feature
+from xdiff_cli.safe_text import inert
 from xdiff_cli.tui.widgets.example_text import shade_example
 from xdiff_cli.tui.widgets.feature_table import feature_flags, format_frequency
 
@@ -80,7 +81,7 @@ class FeatureDetail(VerticalScroll):
                 self.query_one(part, Static).update("")
             return
         self.view = view if view in ("a", "b") and feature.partition == "shared" else feature.own_view
-        label = f" — {feature.label}" if feature.label else ""
+        label = f" — {inert(feature.label, one_line=True)}" if feature.label else ""
         self.border_title = f"feature {feature.id} · {describe_partition(feature)}{label}"
         self.query_one("#detail-stats", Static).update(stats_table(feature))
         self.query_one("#detail-histogram", Static).update(histogram_text(feature))

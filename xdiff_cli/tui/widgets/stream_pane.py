@@ -6,13 +6,12 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from xdiff_cli.safe_text import inert
+
 
 def printable(text: str) -> str:
     """Model output with control characters shown as their Unicode pictures (␝), not sent raw."""
-    return "".join(
-        chr(0x2400 + ord(ch)) if ord(ch) < 0x20 and ch not in "\n\t" else ("␡" if ch == "\x7f" else ch)
-        for ch in text
-    )
+    return inert(text)
 
 
 class StreamPane(VerticalScroll):
