@@ -124,9 +124,12 @@ def make_analysed_run(name: str = "fake-run", *, analysed: bool = True, models: 
     run.set_model("a", (models or {}).get("a", {"spec": "org/model-a", "revision": "abc123", "layer": 2}))
     run.set_model("b", (models or {}).get("b", {"spec": "org/model-b", "revision": "def456", "layer": 3}))
     run.set_metrics(fve_a=0.81, fve_b=0.79)
+    for stage in ("pull", "harvest"):  # harvested; trained and analysed only when `analysed`
+        run.mark_stage(stage, "done")
     if analysed:
         store = FakeStore()
         analyze(hand_built_crosscoder(), store, store, run.analysis_path, config=AnalysisConfig(top_k=8),
-                meta={"models": run.record["models"]})
+                meta={"models": {side: m.to_json() for side, m in run.models.items()}})
+        run.mark_stage("train", "done")
         run.mark_stage("analyze", "done")
     return run

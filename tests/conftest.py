@@ -79,3 +79,50 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored"), raising=False)
     yield hub
     hub.stop()
+
+
+# --- one analysed run shared by the end-to-end tests ------------------------------------------
+
+# The planted end-to-end settings (see test_analysis_planted.py for why these).
+PLANTED_SETTINGS = dict(
+    tokens=12_000, context_length=128, harvest_batch_size=16, eval_fraction=0.25, dict_size=128, k=8,
+    exclusive_frac=0.1, steps=500, batch_size=256, lr=2e-3, quant="none", device="cpu", seed=0,
+)
+HARVEST_KEYS = ("tokens", "context_length", "harvest_batch_size", "eval_fraction", "quant", "device", "seed")
+
+
+def _flags(settings: dict, keys) -> list[str]:  # noqa: ANN001
+    return [item for key in keys for item in (f"--{key.replace('_', '-')}", str(settings[key]))]
+
+
+@pytest.fixture(scope="session")
+def analysed_tiny_run(tiny_models, tiny_corpus, tmp_path_factory):  # noqa: ANN001
+    """(XDIFF_HOME, run id) of one run made the way a user makes it stage by stage:
+    `xdiff harvest A B`, then `xdiff train`, then `xdiff analyze`. Built once per session and
+    shared by every end-to-end test that reads a real analysed run (read-only: copy it to
+    change it)."""
+    from typer.testing import CliRunner
+
+    from xdiff_cli.cli import app
+
+    home = tmp_path_factory.mktemp("analysed-home")
+    old_home = os.environ.get("XDIFF_HOME")
+    os.environ["XDIFF_HOME"] = str(home)
+    try:
+        runner = CliRunner()
+        s = PLANTED_SETTINGS
+        steps = (
+            ["harvest", str(tiny_models["llama"]), str(tiny_models["qwen3"]), "--corpus", str(tiny_corpus),
+             "--name", "planted", "-q", *_flags(s, HARVEST_KEYS)],
+            ["train", "-q", *_flags(s, ("dict_size", "k", "exclusive_frac", "steps", "batch_size", "lr"))],
+            ["analyze"],
+        )
+        for args in steps:
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, (args[0], result.output)
+    finally:
+        if old_home is None:
+            os.environ.pop("XDIFF_HOME", None)
+        else:
+            os.environ["XDIFF_HOME"] = old_home
+    return home, "planted"

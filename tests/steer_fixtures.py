@@ -63,8 +63,11 @@ def make_steerable_run(tiny_models: dict[str, Path], tmp_path: Path, *, analysed
     manifest = {"layer_a": STEER_LAYER_A, "layer_b": STEER_LAYER_B, "scale_a": SCALE_A, "scale_b": SCALE_B}
     (run.store_dir / "manifest.json").write_text(json.dumps(manifest))
 
+    for stage in ("pull", "harvest", "train"):
+        run.mark_stage(stage, "done")
     if analysed:
         labels = crosscoder.partition_labels()
         with FeatureIndexWriter(run.analysis_path) as writer:
             writer.add_features([_feature_row(i, p) for i, p in enumerate(labels)])
+        run.mark_stage("analyze", "done")
     return run

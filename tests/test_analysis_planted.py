@@ -18,13 +18,10 @@ from xdiff_cli.tiny import ANIMALS, COLORS
 runner = CliRunner()
 pytestmark = pytest.mark.slow
 
-# Chosen after a sweep (dict 128/256, k 8/16, 500-1500 steps, lr 1e-3/2e-3, seeds 0-2): a
-# broad animal feature led the B-exclusive ranking in every configuration; colour words
-# leaked into exclusive features one to three words at a time, never as the whole concept.
-SETTINGS = dict(
-    tokens=12_000, context_length=128, harvest_batch_size=16, eval_fraction=0.25, dict_size=128, k=8,
-    exclusive_frac=0.1, steps=500, batch_size=256, lr=2e-3, quant="none", device="cpu", seed=0, top_examples=20,
-)
+# Settings: conftest.PLANTED_SETTINGS, chosen after a sweep (dict 128/256, k 8/16, 500-1500
+# steps, lr 1e-3/2e-3, seeds 0-2): a broad animal feature led the B-exclusive ranking in every
+# configuration; colour words leaked into exclusive features one to three words at a time,
+# never as the whole concept.
 
 
 def fired_words(feature: dict) -> list[str]:
@@ -40,45 +37,19 @@ def distinct(feature: dict, words) -> set[str]:  # noqa: ANN001
     return {w for w in fired_words(feature) if w in words}
 
 
-@pytest.fixture(scope="module")
-def planted_run(tiny_models, tiny_corpus, tmp_path_factory):  # noqa: ANN001
-    import os
-
-    from xdiff_cli.harvest import harvest_run
-    from xdiff_cli.loading import load_model
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
-    from xdiff_cli.training import train_run
-
-    home = tmp_path_factory.mktemp("planted-home")
-    old_home = os.environ.get("XDIFF_HOME")
-    os.environ["XDIFF_HOME"] = str(home)
-    settings = RunSettings(
-        model_a=str(tiny_models["llama"]), model_b=str(tiny_models["qwen3"]), corpus=str(tiny_corpus), **SETTINGS
-    ).validate()
-    run = Run.create(settings, name="planted")
-    model_a = load_model(tiny_models["llama"], device="cpu")
-    model_b = load_model(tiny_models["qwen3"], device="cpu")
-    harvest_run(run, model_a, model_b, progress=False)
-    run.mark_stage("harvest", "done")
-    train_run(run, progress=False)
-    run.mark_stage("train", "done")
-    yield home, run
-    if old_home is None:
-        os.environ.pop("XDIFF_HOME", None)
-    else:
-        os.environ["XDIFF_HOME"] = old_home
-
-
-def test_planted_concepts_end_to_end(planted_run, monkeypatch):  # noqa: ANN001
-    home, run = planted_run
+def test_planted_concepts_end_to_end(analysed_tiny_run, monkeypatch):  # noqa: ANN001
+    home, run_id = analysed_tiny_run
     monkeypatch.setenv("XDIFF_HOME", str(home))
+    from xdiff_cli.runs import load_run
+
+    run = load_run(run_id)
+    # Made by `xdiff harvest`, `xdiff train`, `xdiff analyze` alone: the run is complete.
+    assert run.complete
+    runs = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)
+    assert [(r["id"], r["stage"], r["complete"]) for r in runs] == [(run_id, "done", True)]
     result = runner.invoke(app, ["analyze", "--run", run.id])
     assert result.exit_code == 0, result.output
     assert "candidate differences" in result.output
-    from xdiff_cli.runs import resolve_run
-
-    assert resolve_run(run.id).stage_done("analyze")
 
     ranked = json.loads(runner.invoke(app, ["features", "--json", "--run", run.id]).stdout)
     assert [f["rank"] for f in ranked] == list(range(1, len(ranked) + 1))
@@ -112,7 +83,7 @@ def test_planted_concepts_end_to_end(planted_run, monkeypatch):  # noqa: ANN001
     from xdiff_cli.analysis import analyze_run
 
     mtime = run.analysis_path.stat().st_mtime_ns
-    assert analyze_run(resolve_run(run.id), progress=False) == run.analysis_path
+    assert analyze_run(load_run(run.id), progress=False) == run.analysis_path
     assert run.analysis_path.stat().st_mtime_ns == mtime
 
 

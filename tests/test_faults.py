@@ -22,7 +22,7 @@ import torch
 from test_training import CC, _harvested_run, _source, _tc
 from typer.testing import CliRunner
 
-from xdiff_cli import atomic, pipeline
+from xdiff_cli import atomic, stages
 from xdiff_cli.cli import app
 from xdiff_cli.crosscoder import Crosscoder
 from xdiff_cli.errors import XdiffError
@@ -262,10 +262,10 @@ def test_xdiff_run_redoes_a_done_stage_whose_output_was_damaged(monkeypatch, cap
         run.mark_stage(stage, "done")
     truncate(run.crosscoder_dir / "final" / "model.safetensors")
     ran = []
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "train", lambda r, ctx: ran.append("train") or train_run(r, False))
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "analyze", lambda r, ctx: ran.append("analyze"))
+    monkeypatch.setattr("xdiff_cli.training.train_stage", lambda r, ctx: ran.append("train") or train_run(r, False))
+    monkeypatch.setattr("xdiff_cli.analysis.analyze_stage", lambda r, ctx: ran.append("analyze"))
     assert stage_problem(run, "train") is not None
-    pipeline.execute(run, pipeline.StageContext(plan=None, progress=False))
+    stages.run_stages(run, stages.StageContext(progress=False))
     assert ran == ["train", "analyze"]
     assert "the train output of run" in capsys.readouterr().err
     assert stage_problem(run, "train") is None and run.stage_done("train")
@@ -405,13 +405,14 @@ def test_steer_rejects_a_non_finite_scale(scale):
 def test_small_disk_sizes_are_not_printed_as_zero_gigabytes(tmp_path, monkeypatch):
     import shutil
 
-    from xdiff_cli import harvest
+    from xdiff_cli import paths
+    from xdiff_cli.formatting import format_bytes
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=512))
     with pytest.raises(XdiffError) as info:
-        harvest.check_disk_space(tmp_path, 4_100)
-    assert "needs about 4.1 kB" in info.value.message and "only 512 B is free" in info.value.message
-    assert harvest.format_size(1.25e9) == "1.25 GB"
+        paths.check_free_space(tmp_path, 4_100, "the activation store")
+    assert "needs ~4.1 KB" in info.value.message and "512 B free" in info.value.message
+    assert format_bytes(1.3e9) == "1.3 GB"
 
 
 def test_custom_code_error_names_the_repo_not_the_snapshot(tmp_path):

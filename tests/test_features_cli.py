@@ -94,7 +94,9 @@ def test_unanalysed_run_asks_the_user_to_run_analyze():
     make_analysed_run("not-yet", analysed=False)
     result = runner.invoke(app, ["features", "--run", "not-yet"])
     assert result.exit_code == 1
-    assert "has not been analysed yet" in result.output and "xdiff analyze" in result.output
+    # The stage actually missing, and the exact command that makes it.
+    assert "has not been analysed yet: stage train has not run" in result.output
+    assert "xdiff train --run not-yet" in result.output
 
 
 def test_bad_sort_and_partition_are_one_line_errors(run):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -15,14 +14,13 @@ from xdiff_cli.corpus import Document, iter_documents
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.harvest import (
     encode_documents,
-    estimate_bytes,
     harvest,
     harvest_run,
     layer_activations,
     normalisation_scale,
     outlier_mask,
 )
-from xdiff_cli.store import ActivationStore
+from xdiff_cli.store import ActivationStore, estimate_bytes
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def test_normalisation_scale_maps_median_norm_to_sqrt_mean_width():
 
 
 def test_disk_estimate_counts_both_widths_in_16_bits():
-    assert estimate_bytes(1000, 64, 32) == int(1000 * ((64 + 32) * 2 + 40) * 1.05)
+    assert estimate_bytes(1000, 64, 32) == 1000 * ((64 + 32) * 2 + 40)
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +178,9 @@ def test_interrupted_harvest_resumes_after_last_complete_shard(models, tmp_path,
 
 
 def test_disk_shortfall_is_reported_before_harvesting(models, tmp_path, monkeypatch):
-    Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(harvest_module.shutil, "disk_usage", lambda p: Usage(10**6, 10**6, 1000))
-    with pytest.raises(XdiffError, match="harvest needs about"):
+    monkeypatch.setattr("xdiff_cli.paths.free_bytes", lambda path: 1000)
+    # The estimate in readable units, never "0.00 GB".
+    with pytest.raises(XdiffError, match=r"not enough disk for the activation store: needs ~\d+\.\d MB"):
         harvest(models["llama"], models["qwen3"], _docs(5), tmp_path / "a", tokens=10**6, progress=False)
 
 
@@ -207,7 +205,7 @@ def test_harvest_run_records_metrics(models, xdiff_home):
     run = Run.create(settings, "h")
     store = harvest_run(run, models["llama"], models["qwen3"], progress=False)
     assert store.dir == run.store_dir and store.n_tokens == 300
-    metrics = Run.load(run.dir).record["metrics"]
+    metrics = Run.load(run.dir).metrics
     assert metrics["harvested_tokens"] == 300
     assert metrics["aligned_fraction"] == pytest.approx(store.manifest["aligned_fraction"])
     assert store.manifest["model_a"] == "tiny-a" and not run.stage_done("harvest")

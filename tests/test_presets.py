@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from xdiff_cli import pipeline
+from xdiff_cli import plan as planning
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.hardware import Hardware
 from xdiff_cli.presets import list_presets, load_preset, match_preset, parse_preset
 
-CPU = pipeline.Hardware("cpu", cpu_count=2)
-GPU = pipeline.Hardware("cuda", cpu_count=16, gpu_name="H100", gpu_memory_bytes=80 * 2**30)
+CPU = Hardware("cpu", cpu_count=2)
+GPU = Hardware("cuda", cpu_count=16, gpu_name="H100", gpu_memory_bytes=80 * 2**30)
 
 
 def test_shipped_presets_parse_and_include_the_paper_pairs_small_and_tiny():
@@ -50,7 +51,7 @@ def test_preset_with_an_invalid_value_fails_when_read(tmp_path):
 
 
 def test_explicit_options_override_the_preset_which_overrides_defaults():
-    resolved = pipeline.resolve_settings(None, None, preset_name="tiny", options={"steps": 7, "k": None}, hardware=CPU)
+    resolved = planning.resolve_settings(None, None, preset_name="tiny", options={"steps": 7, "k": None}, hardware=CPU)
     s = resolved.settings
     assert (s.model_a, s.model_b) == ("tiny:llama", "tiny:qwen3")
     assert s.steps == 7  # explicit
@@ -60,31 +61,31 @@ def test_explicit_options_override_the_preset_which_overrides_defaults():
 
 
 def test_models_matching_a_preset_pick_it_and_say_so():
-    resolved = pipeline.resolve_settings("Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", hardware=GPU)
+    resolved = planning.resolve_settings("Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", hardware=GPU)
     assert resolved.preset.name == "small"
     assert resolved.settings.tokens == 40_000
     assert any("preset 'small' picked" in note for note in resolved.notes)
 
 
 def test_without_a_preset_defaults_shrink_on_a_cpu_and_not_on_a_gpu():
-    on_cpu = pipeline.resolve_settings("org/a", "org/b", hardware=CPU)
+    on_cpu = planning.resolve_settings("org/a", "org/b", hardware=CPU)
     assert on_cpu.preset is None
-    assert on_cpu.settings.tokens == pipeline.CPU_PROFILE["tokens"]
-    assert on_cpu.settings.dict_size == pipeline.CPU_PROFILE["dict_size"]
+    assert on_cpu.settings.tokens == planning.CPU_PROFILE["tokens"]
+    assert on_cpu.settings.dict_size == planning.CPU_PROFILE["dict_size"]
     assert any("CPU-only" in note for note in on_cpu.notes)
-    on_gpu = pipeline.resolve_settings("org/a", "org/b", options={"tokens": 123}, hardware=GPU)
+    on_gpu = planning.resolve_settings("org/a", "org/b", options={"tokens": 123}, hardware=GPU)
     assert on_gpu.settings.tokens == 123
-    assert on_gpu.settings.steps == pipeline.GPU_PROFILE["steps"]
+    assert on_gpu.settings.steps == planning.GPU_PROFILE["steps"]
     assert on_gpu.settings.dict_size is None  # 32x the mean width, decided by the planner/trainer
 
 
 def test_same_model_twice_is_allowed_with_a_warning():
-    resolved = pipeline.resolve_settings("org/a", "ORG/a", hardware=CPU)
+    resolved = planning.resolve_settings("org/a", "ORG/a", hardware=CPU)
     assert any("same" in w for w in resolved.warnings)
 
 
 def test_one_model_or_none_without_a_preset_is_an_error():
     with pytest.raises(XdiffError, match="two models"):
-        pipeline.resolve_settings("org/a", None, hardware=CPU)
+        planning.resolve_settings("org/a", None, hardware=CPU)
     with pytest.raises(XdiffError, match="no models given"):
-        pipeline.resolve_settings(None, None, hardware=CPU)
+        planning.resolve_settings(None, None, hardware=CPU)

@@ -10,7 +10,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from xdiff_cli import pipeline
+from xdiff_cli import paths, pipeline, stages
 from xdiff_cli.cli import app
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.runs import Run, list_runs
@@ -94,7 +94,7 @@ def test_missing_corpus_file_fails_before_any_run_is_created(tmp_path):
 
 
 def test_too_little_disk_fails_with_the_estimate(monkeypatch):
-    monkeypatch.setattr(pipeline, "free_disk_bytes", lambda path: 1000)
+    monkeypatch.setattr(paths, "free_bytes", lambda path: 1000)
     result = run_cli("--preset", "tiny")
     assert result.exit_code == 1
     assert "not enough disk" in result.output and "5.3 MB" in result.output
@@ -123,7 +123,7 @@ def test_dry_run_plan_shows_models_layers_dictionary_disk_and_time():
     assert result.exit_code == 0, result.output
     out = result.output
     assert "tiny:llama" in out and "d=64" in out and "tiny:qwen3" in out and "d=48" in out
-    assert "25 A-only, 25 B-only, 206 shared" in out
+    assert "26 A-only, 26 B-only, 204 shared" in out  # round(256 x 0.1), as the crosscoder has it
     assert "20,000 aligned pairs" in out
     assert "5.3 MB of activations" in out  # 20k x ((64+48) x 2 + 40) bytes
     assert "time (rough)" in out
@@ -134,7 +134,7 @@ def test_identical_settings_resume_the_newest_run_and_new_forces_another():
     settings = RunSettings(model_a="org/a", model_b="org/b")
     older = Run.create(settings, "older")
     newer = Run.create(settings, "newer")
-    newer.record["created"] = "9999"  # newest by creation time
+    newer.record.created = "9999"  # newest by creation time
     newer.save()
     assert pipeline.find_run(settings).id == "newer"
     assert pipeline.find_run(settings, new=True) is None
@@ -150,7 +150,7 @@ def test_a_named_run_with_other_settings_is_not_silently_reused():
 
 def test_stage_marks_record_failure_and_interruption(monkeypatch):
     run = Run.create(RunSettings(model_a="org/a", model_b="org/b"), "marks")
-    ctx = pipeline.StageContext(plan=None)
+    ctx = stages.StageContext()
 
     def boom(run, ctx):
         raise XdiffError("the hub is down")
@@ -158,13 +158,13 @@ def test_stage_marks_record_failure_and_interruption(monkeypatch):
     def stop(run, ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "pull", boom)
+    monkeypatch.setattr("xdiff_cli.pull.pull_stage", boom)
     with pytest.raises(XdiffError):
-        pipeline.run_stage(run, "pull", ctx)
-    assert run.record["stages"]["pull"]["status"] == "failed"
-    assert run.record["stages"]["pull"]["error"] == "the hub is down"
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "pull", stop)
+        stages.run_stage(run, "pull", ctx)
+    assert run.record.stages["pull"].status == "failed"
+    assert run.record.stages["pull"].error == "the hub is down"
+    monkeypatch.setattr("xdiff_cli.pull.pull_stage", stop)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_stage(run, "pull", ctx)
-    assert Run.load(run.dir).record["stages"]["pull"]["status"] == "interrupted"
+        stages.run_stage(run, "pull", ctx)
+    assert Run.load(run.dir).record.stages["pull"].status == "interrupted"
     assert run.current_stage == "pull (interrupted)"

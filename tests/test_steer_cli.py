@@ -89,7 +89,8 @@ def test_missing_run_and_missing_analysis_are_user_errors(tiny_models: dict[str,
     assert result.exit_code == 1 and "no runs yet" in result.output
     make_steerable_run(tiny_models, tmp_path, analysed=False)
     result = _steer("-f", "8:1", "hello")
-    assert result.exit_code == 1 and "this run has not been analysed yet" in result.output
+    assert result.exit_code == 1 and "has not been analysed yet: stage analyze has not run" in result.output
+    assert "xdiff analyze --run" in result.output
 
 
 def test_parse_features_reads_own_and_shared_scales() -> None:

@@ -266,7 +266,7 @@ def test_layer_comes_from_the_store_manifest_then_run_record_then_middle(
     run = make_steerable_run(tiny_models, tmp_path)
     assert (Steerer(run).layer("a"), Steerer(run).layer("b")) == (STEER_LAYER_A, STEER_LAYER_B)
     (run.store_dir / "manifest.json").unlink()
-    run.set_model("a", {**run.record["models"]["a"], "layer": 3})
+    run.set_model("a", {**run.models["a"].to_json(), "layer": 3})
     steerer = Steerer(run)
     assert steerer.layer("a") == 3
     assert steerer.layer("b") == 2  # tiny Qwen3 has 4 layers: the middle one

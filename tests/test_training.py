@@ -179,6 +179,8 @@ def _harvested_run(name: str = "r1", n_shards: int = 4, per_shard: int = 300, **
         shard = Shard(source.acts_a[rows].to(torch.bfloat16), source.acts_b[rows].to(torch.bfloat16), doc, span, span.clone(), span + 1)
         writer.write_shard(shard, [(i, "x" * (n + 1))], next_doc_index=i + 1, stats={})
     writer.finish(scale_a=0.5, scale_b=2.0, aligned_fraction=1.0, eval_fraction=0.25)
+    for stage in ("pull", "harvest"):  # what `xdiff harvest` leaves
+        run.mark_stage(stage, "done")
     return run
 
 
@@ -192,7 +194,7 @@ def test_train_run_trains_from_the_store_records_metrics_and_then_returns_at_onc
     model = Crosscoder.load(final)
     assert (model.cfg.d_a, model.cfg.d_b, model.cfg.dict_size, model.cfg.k) == (10, 14, 48, 4)
     assert (model.cfg.scale_a, model.cfg.scale_b) == (0.5, 2.0)
-    metrics = Run.load(run.dir).record["metrics"]
+    metrics = Run.load(run.dir).metrics
     assert metrics["l0"] == pytest.approx(4.0, abs=0.1) and 0 < metrics["fve_a"] < 1
     assert set(metrics) >= {"fve_a", "fve_b", "l0", "dead_fraction"}
     before = (final / "model.safetensors").stat().st_mtime_ns

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from tui_fixtures import ARTIFACT_FEATURE, make_analysed_run, make_run
 
+from xdiff_cli.runs import StageStatus
 from xdiff_cli.tui.app import XdiffApp
 
 SMALL = (80, 24)
@@ -47,7 +48,7 @@ def test_run_picker(snap_compare):
     make_analysed_run("old-run", created="2024-05-01T00:00:00+00:00")
     make_analysed_run("new-run", created="2025-06-01T00:00:00+00:00")
     run = make_run("training-run", created="2025-07-01T00:00:00+00:00", done=("pull", "harvest"))
-    run.record["stages"]["train"] = {"status": "running", "updated": "2025-07-01T00:00:00+00:00"}
+    run.record.stages["train"] = StageStatus("running", "2025-07-01T00:00:00+00:00")
     run.save()
     assert snap_compare(XdiffApp(), terminal_size=SMALL)
 

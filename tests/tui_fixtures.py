@@ -12,8 +12,9 @@ import random
 from pathlib import Path
 
 from xdiff_cli.feature_index import FeatureIndexWriter
-from xdiff_cli.runs import STAGES, Run
+from xdiff_cli.runs import ModelRecord, Run, StageStatus
 from xdiff_cli.settings import RunSettings
+from xdiff_cli.stages import STAGE_NAMES as STAGES
 
 N_EXCLUSIVE = 6
 N_FEATURES = 36
@@ -129,13 +130,13 @@ def make_run(name: str = "demo-run", *, created: str = FIXED_CREATED, done: tupl
              model_a: str = "org/model-a", model_b: str = "org/model-b") -> Run:
     """A run record (in the current XDIFF_HOME) with `done` stages marked and a fixed date."""
     run = Run.create(RunSettings(model_a=model_a, model_b=model_b), name=name)
-    run.record["created"] = created
-    run.record["models"] = {
-        "a": {"spec": model_a, "revision": "0123abc", "layer": 2},
-        "b": {"spec": model_b, "revision": "4567def", "layer": 2},
+    run.record.created = created
+    run.record.models = {
+        "a": ModelRecord(spec=model_a, revision="0123abc", layer=2),
+        "b": ModelRecord(spec=model_b, revision="4567def", layer=2),
     }
     for stage in done:
-        run.record.setdefault("stages", {})[stage] = {"status": "done", "updated": created}
+        run.record.stages[stage] = StageStatus("done", created)
     run.save()
     return run
 

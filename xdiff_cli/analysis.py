@@ -33,7 +33,9 @@ from typing import Any, Protocol
 import torch
 
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.ranking import ARTIFACT_SHARE, EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW, RANKING_HELP  # noqa: E402,F401
 
+<<<<<<< HEAD
 RANKING_HELP = (
     "Default ranking (--sort rank): features fall in tiers — (1) candidate differences: "
     "A- or B-exclusive features and shared features whose relative decoder norm R = |dA|/(|dA|+|dB|) "
@@ -51,6 +53,8 @@ EXCLUSIVE_R_LOW, EXCLUSIVE_R_HIGH = 0.2, 0.8
 ARTIFACT_SHARE = 0.8  # share of firing mass on one word type that makes a feature "one-word"
 JUNK_SHARE = 0.5  # share of firing mass on junk tokens/positions that makes a feature an artifact
 JUNK_POSITIONS = 2  # a document's first aligned tokens (attention sinks) count as junk
+=======
+>>>>>>> main
 _TYPE_BITS = 32  # (feature, word type) pairs are packed into one int64 key
 
 
@@ -709,9 +713,9 @@ def analysis_is_valid(path: Path) -> bool:
 
 
 def pick_device(requested: str = "auto") -> str:
-    if requested in ("auto", "", None):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    from xdiff_cli.hardware import resolve_device
+
+    return resolve_device(requested or "auto")
 
 
 def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noqa: ANN001 - runs.Run
@@ -741,9 +745,9 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     store = ActivationStore.open(run.store_dir)
     meta = {
         "run_id": run.id,
-        "models": run.record.get("models", {}),
-        "settings": run.record.get("settings", {}),
-        "train_metrics": run.record.get("metrics", {}),
+        "models": {side: model.to_json() for side, model in run.models.items()},
+        "settings": run.settings.to_dict(),
+        "train_metrics": dict(run.metrics),
     }
     config = AnalysisConfig(top_k=settings.top_examples, device=device)
     analyze(crosscoder, store.split("eval"), store, path, config=config, meta=meta, progress=progress)
@@ -760,3 +764,8 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
         **{f"eval_{key}": summary[key] for key in ("dead_a", "dead_b", "dead_shared") if key in summary},
     )
     return path
+
+
+def analyze_stage(run, ctx) -> None:  # noqa: ANN001 - runs.Run, stages.StageContext
+    """The analyse stage for the stage runner (`--force` is a restart: `stages.restart_from`)."""
+    analyze_run(run, progress=ctx.progress)

@@ -70,8 +70,9 @@ def config_num_layers(config: Any) -> int:
 
 
 def default_layer(num_layers: int) -> int:
-    """The paper reads the residual stream after a middle decoder layer (12 of 24, 16 of 36)."""
-    return num_layers // 2
+    from xdiff_cli.modelconfig import middle_layer
+
+    return middle_layer(num_layers)
 
 
 def find_decoder_layers(model: Any) -> Any:

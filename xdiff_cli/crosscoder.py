@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.settings import exclusive_size
 
 PARTITIONS = ("a", "b", "shared")
 
@@ -74,9 +75,7 @@ class CrosscoderConfig:
     @property
     def n_exclusive(self) -> int:
         """Features in *each* exclusive block."""
-        if self.arch == "crosscoder":
-            return 0
-        return int(round(self.dict_size * self.exclusive_frac))
+        return exclusive_size(self.dict_size, self.exclusive_frac, self.arch)
 
     @property
     def n_shared(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import shutil
 from dataclasses import dataclass, field
 
 from xdiff_cli import paths
@@ -87,10 +86,7 @@ def token_check() -> Check:
 
 def disk_check() -> Check:
     root = paths.data_root()
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = paths.free_bytes(root)
     return Check("data dir", True, f"{root} ({free / 2**30:.1f} GiB free)")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,17 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from xdiff_cli import paths
 from xdiff_cli.alignment import AlignedPairs, align, token_spans
 from xdiff_cli.arch import layer_output_tensor
 from xdiff_cli.corpus import MESSAGE_SEPARATOR, Document, canonical_chat_text, iter_documents, render_document
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.store import DTYPES, ActivationStore, Shard, StoreWriter
+from xdiff_cli.store import DTYPES, ActivationStore, Shard, StoreWriter, estimate_bytes
 
 DEFAULT_SHARD_TOKENS = 65_536
 MIN_SHARD_TOKENS = 64
 OUTLIER_FACTOR = 2.0  # drop pairs whose norm exceeds this × the batch median (paper)
 SCALE_SAMPLE_TOKENS = 16_384  # pairs used to estimate each model's median norm
-DISK_HEADROOM = 1.05
 
 
 def default_shard_tokens(tokens: int) -> int:
@@ -58,32 +57,6 @@ def tokenizer_hash(tokenizer: Any) -> str:
         body = repr(sorted(tokenizer.get_vocab().items()))
     body += "\n" + str(getattr(tokenizer, "chat_template", "") or "")
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
-
-
-def estimate_bytes(tokens: int, d_a: int, d_b: int, dtype: str = "bfloat16") -> int:
-    """Disk the shards of `tokens` pairs need (2-byte floats + 5 int64 per pair, + headroom)."""
-    per_pair = (d_a + d_b) * 2 + 5 * 8
-    return int(tokens * per_pair * DISK_HEADROOM)
-
-
-def format_size(n_bytes: float) -> str:
-    """Bytes in the largest unit that keeps a digit before the point: '512 B', '3.4 MB', '1.25 GB'."""
-    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n_bytes) >= factor:
-            return f"{n_bytes / factor:.3g} {unit}"
-    return f"{int(n_bytes)} B"
-
-
-def check_disk_space(directory: Path, need_bytes: int) -> None:
-    probe = Path(directory)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need_bytes:
-        raise XdiffError(
-            f"harvest needs about {format_size(need_bytes)} in {directory} but only {format_size(free)} is free",
-            "free space, point XDIFF_HOME at a bigger disk, or lower --tokens",
-        )
 
 
 # --- the harvested window of a document ----------------------------------------------------
@@ -428,7 +401,6 @@ def harvest(
         "seed": seed,
         "target_tokens": tokens,
     }
-    check_disk_space(out_dir, 0)  # the directory must be creatable at all
     writer = StoreWriter.open_or_create(out_dir, identity)
     if writer.complete:
         return ActivationStore.open(out_dir)
@@ -436,7 +408,7 @@ def harvest(
     shard_tokens = shard_tokens or manifest.get("shard_tokens") or default_shard_tokens(tokens)
     manifest["shard_tokens"] = shard_tokens
     done = manifest["n_tokens"]
-    check_disk_space(out_dir, estimate_bytes(tokens - done, d_a, d_b, dtype))
+    paths.check_free_space(out_dir, estimate_bytes(tokens - done, d_a, d_b), "the activation store")
 
     start = manifest["next_doc_index"]
     if isinstance(documents, str):
@@ -543,13 +515,11 @@ class _Progress:
 
 
 def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> ActivationStore:
-    """The harvest stage of a run: settings from `run.settings`, store in `run.store_dir`.
-
-    Records `aligned_fraction` and `harvested_tokens` in the run's metrics; marking the stage
-    done is the orchestrator's job.
-    """
+    """Harvest a run's store: settings from `run.settings`, revisions from `run.models`,
+    store in `run.store_dir`. Records `aligned_fraction` and `harvested_tokens` in the run's
+    metrics; marking the stage done is the stage runner's job."""
     settings = run.settings
-    models = run.record.get("models", {})
+    models = run.models
     store = harvest(
         model_a,
         model_b,
@@ -564,9 +534,23 @@ def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True) -> 
         seed=settings.seed,
         spec_a=settings.model_a or None,
         spec_b=settings.model_b or None,
-        revision_a=str(models.get("a", {}).get("revision") or "local"),
-        revision_b=str(models.get("b", {}).get("revision") or "local"),
+        revision_a=str((models["a"].revision if "a" in models else None) or "local"),
+        revision_b=str((models["b"].revision if "b" in models else None) or "local"),
         progress=progress,
     )
     run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
     return store
+
+
+def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
+    """The harvest stage: load both pulled models (only now), harvest, then free them."""
+    from xdiff_cli.hardware import free_accelerator_memory
+    from xdiff_cli.pull import load_pulled_model
+
+    loaded = []
+    try:
+        loaded = [load_pulled_model(run, side, ctx) for side in ("a", "b")]
+        harvest_run(run, loaded[0], loaded[1], progress=ctx.progress)
+    finally:
+        loaded.clear()
+        free_accelerator_memory()

@@ -120,9 +120,21 @@ def hub_offline() -> bool:
     return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection errors of whichever HTTP client huggingface_hub uses (not a dependency of ours)."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 def _snapshot(spec: ModelSpec, patterns: list[str], token: str | None) -> Path:
     """snapshot_download with the environment read at call time, errors mapped to one line."""
-    import httpx2
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -169,7 +181,7 @@ def _snapshot(spec: ModelSpec, patterns: list[str], token: str | None) -> Path:
         raise XdiffError(
             f"download of {name} failed (HTTP {status})", "rerun the same command to resume the download"
         ) from exc
-    except (httpx2.HTTPError, OSError) as exc:
+    except _transport_errors() as exc:
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise XdiffError(
             f"download of {name} was interrupted: {first_line}",

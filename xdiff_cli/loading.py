@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xdiff_cli import hardware
 from xdiff_cli.arch import ArchAdapter
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.modelconfig import read_config
 
 
 @dataclass
@@ -29,26 +31,7 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
 
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when a GPU is present, else 'cpu'; asking for CUDA without one is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise XdiffError(
-                f"--device {device} was asked for but no CUDA GPU is visible", "use --device cpu"
-            )
-        index = int(device.split(":", 1)[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise XdiffError(
-                f"no GPU {device}", f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-        return device
-    if device != "cpu":
-        raise XdiffError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N")
-    return device
+resolve_device = hardware.resolve_device  # one home: xdiff_cli/hardware.py
 
 
 def default_dtype(device: str) -> str:
@@ -99,20 +82,11 @@ def model_name(path: Path | str) -> str:
 
 def inspect_model_dir(path: Path | str, *, trust_remote_code: bool = False) -> ModelDirInfo:
     """Reject, with one line, what cannot load as a causal LM: encoders, custom code, unknown types."""
-    import json
-
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except FileNotFoundError as exc:
-        raise XdiffError(
-            f"{path} is not a model directory (no config.json)", "pass a hub id or a saved model dir"
-        ) from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise XdiffError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    config = read_config(path)
     model_type = str(config.get("model_type", ""))
     architectures = tuple(config.get("architectures") or ())
     custom = "AutoModelForCausalLM" in (config.get("auto_map") or {})

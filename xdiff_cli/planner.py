@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xdiff_cli import modelconfig, settings
 from xdiff_cli.errors import XdiffError
 
 GiB = 1024**3
@@ -37,10 +38,7 @@ HEADROOM = 0.92  # plan against 92% of free memory: fragmentation, kernels' work
 # --- model footprint from metadata ---------------------------------------------------------
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Multimodal configs keep the language model under `text_config`."""
-    text = config.get("text_config")
-    return {**config, **text} if isinstance(text, dict) else config
+_text_config = modelconfig.text_config  # one home for reading config.json
 
 
 def _first_int(cfg: dict[str, Any], *names: str, default: int | None = None) -> int:
@@ -150,10 +148,7 @@ def footprint_from_config(
 def footprint_from_dir(path: Path | str, name: str | None = None) -> ModelFootprint:
     """Footprint of a model directory: config.json + safetensors index (if any)."""
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise XdiffError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    config = modelconfig.read_config(path)
     disk_bytes = None
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -176,9 +171,7 @@ def harvest_working_bytes(fp: ModelFootprint, batch_size: int = 8, context_lengt
     return tokens * fp.hidden_size * 2 * 24 + batch_size * fp.vocab_size * 4
 
 
-def default_dict_size(d_a: int, d_b: int) -> int:
-    """The paper's 32x expansion of the mean width (131,072 for d≈4096)."""
-    return 32 * (d_a + d_b) // 2
+default_dict_size = settings.default_dict_size  # one home: xdiff_cli/settings.py
 
 
 def crosscoder_parameters(d_a: int, d_b: int, dict_size: int) -> int:

@@ -101,8 +101,10 @@ def list_presets(directory: Path | None = None) -> list[Preset]:
 
 
 def load_preset(name: str, directory: Path | None = None) -> Preset:
+    from xdiff_cli.paths import validate_id
+
     directory = directory or presets_dir()
-    path = directory / f"{name}.toml"
+    path = directory / f"{validate_id(name, 'preset name')}.toml"
     if not path.is_file():
         names = [p.stem for p in sorted(directory.glob("*.toml"))] if directory.is_dir() else []
         raise XdiffError(f"unknown preset {name!r}", f"choose one of: {', '.join(names) or '(none found)'}")

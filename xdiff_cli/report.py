@@ -22,7 +22,7 @@ SETTINGS_SHOWN = (
 )
 N_HIST_BINS = 20
 EXAMPLES_PER_FEATURE = 5
-EXCLUSIVE_R = 0.2  # shared features with R < 0.2 (B) or R > 0.8 (A) count as candidates
+from xdiff_cli.ranking import EXCLUSIVE_R_LOW as EXCLUSIVE_R  # noqa: E402 - R < it (B) or > 1 - it (A)
 
 
 @dataclass
@@ -64,10 +64,10 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
                 best[side].append(feature)
         return ReportData(
             run_id=run.id,
-            created=run.record.get("created", ""),
-            models=run.record.get("models", {}) or meta.get("models", {}),
-            settings={k: run.record.get("settings", {}).get(k) for k in SETTINGS_SHOWN},
-            metrics={**meta.get("train_metrics", {}), **run.record.get("metrics", {})},
+            created=run.record.created,
+            models={side: m.to_json() for side, m in run.models.items()} or meta.get("models", {}),
+            settings={k: getattr(run.settings, k, None) for k in SETTINGS_SHOWN},
+            metrics={**meta.get("train_metrics", {}), **run.metrics},
             summary=meta.get("summary", {}),
             rel_norm_hist=hist,
             top=best,

@@ -1,25 +1,32 @@
-"""Run directories: one per `xdiff run`, holding every artifact and a `run.json`.
+"""Run directories: one per run, holding every artifact and a typed `run.json` record.
 
 Layout of `<XDIFF_HOME>/runs/<run_id>/`:
 
-    run.json          settings, models (resolved revisions), versions, stage status, metrics
+    run.json          RunRecord: settings, models (resolved revisions), versions, stage status, metrics
+    .lock             held (flock) by the process working on the run; names that process
     activations/      ActivationStore (harvest)
     crosscoder/       checkpoints/, final/ (model.safetensors + config.json), metrics.jsonl (train)
     analysis.sqlite   FeatureIndex database (analyse)
     report.html/.md   (report)
 
-A stage is done only when `run.json` says so; that mark is written after the stage's
-artifacts are complete, so a crash in between redoes the stage instead of trusting it.
+`run.json` is read and validated here only (`RunRecord.from_json`); everything else gets the
+typed record. A stage is done only when the record says so; that mark is written by the
+stage runner (`stages.py`) after the stage's artifacts are complete.
+
+Run ids become directory names, so every id is validated (`run_dir_for`) before it is joined
+to the runs root, and the result is checked to stay inside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
-import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +34,9 @@ from xdiff_cli import __version__, paths
 from xdiff_cli.atomic import read_json, write_json
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.settings import RunSettings
+from xdiff_cli.stages import STAGE_NAMES, missing_stage, stage_command
 
-STAGES = ("pull", "harvest", "train", "analyze")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+STATUSES = ("running", "done", "failed", "interrupted")
 
 
 def _now() -> str:
@@ -48,21 +55,170 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Ids and paths
+# --------------------------------------------------------------------------------------
+
+
+validate_id = paths.validate_id  # one home: xdiff_cli/paths.py
+
+
+def run_dir_for(run_id: str) -> Path:
+    """The directory of run `run_id`, validated and contained in the runs root."""
+    root = paths.runs_root()
+    return paths.contained(root, root / validate_id(run_id))
+
+
+# --------------------------------------------------------------------------------------
+# The typed record
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    """One model of a run as `pull` resolved it: where it is and how it loads here."""
+
+    spec: str
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    quant: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    layer: int | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> ModelRecord:
+        if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
+            raise ValueError("a model entry needs a 'spec'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StageStatus:
+    status: str  # one of STATUSES
+    updated: str = ""
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # extra facts a stage records
+
+    @classmethod
+    def from_json(cls, data: Any) -> StageStatus:
+        if not isinstance(data, dict) or data.get("status") not in STATUSES:
+            raise ValueError(f"a stage entry needs a status in {STATUSES}")
+        extra = {k: v for k, v in data.items() if k not in ("status", "updated", "error")}
+        return cls(data["status"], str(data.get("updated", "")), data.get("error"), extra)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "updated": self.updated, **self.info}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class RunRecord:
+    """Everything `run.json` holds, validated once on load."""
+
+    id: str
+    created: str
+    settings: RunSettings
+    models: dict[str, ModelRecord] = field(default_factory=dict)
+    stages: dict[str, StageStatus] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    preset: str | None = None
+    command: list[str] | None = None
+    hardware: dict[str, Any] | None = None
+    precision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of newer versions, kept as they are
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunRecord:
+        """The record, or ValueError/XdiffError saying what is wrong with it."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(data.get("id"), str):
+            raise ValueError("no run id")
+        if not isinstance(data.get("settings"), dict):
+            raise ValueError("no settings")
+        for key in ("models", "stages", "metrics", "versions"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ValueError(f"{key!r} is not an object")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(
+            id=validate_id(data["id"]),
+            created=str(data.get("created", "")),
+            settings=RunSettings.from_dict(data["settings"]),
+            models={side: ModelRecord.from_json(m) for side, m in data.get("models", {}).items()},
+            stages={name: StageStatus.from_json(s) for name, s in data.get("stages", {}).items()},
+            metrics=dict(data.get("metrics", {})),
+            versions=dict(data.get("versions", {})),
+            preset=data.get("preset"),
+            command=data.get("command"),
+            hardware=data.get("hardware"),
+            precision=data.get("precision"),
+            extra={k: v for k, v in data.items() if k not in names},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.extra,
+            "id": self.id,
+            "created": self.created,
+            "settings": self.settings.to_dict(),
+            "models": {side: m.to_json() for side, m in self.models.items()},
+            "stages": {name: s.to_json() for name, s in self.stages.items()},
+            "metrics": self.metrics,
+            "versions": self.versions,
+            "preset": self.preset,
+            "command": self.command,
+            "hardware": self.hardware,
+            "precision": self.precision,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# A run directory
+# --------------------------------------------------------------------------------------
+
+
 @dataclass
 class Run:
-    """A run directory and its `run.json` record."""
+    """A run directory and its typed `run.json` record."""
 
     dir: Path
-    record: dict[str, Any]
+    record: RunRecord
 
     # --- identity and paths ---------------------------------------------------------
     @property
     def id(self) -> str:
-        return self.record["id"]
+        return self.record.id
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.record.settings
+
+    @property
+    def models(self) -> dict[str, ModelRecord]:
+        return self.record.models
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record.metrics
 
     @property
     def json_path(self) -> Path:
         return self.dir / "run.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir / ".lock"
 
     @property
     def store_dir(self) -> Path:
@@ -76,114 +232,195 @@ class Run:
     def analysis_path(self) -> Path:
         return self.dir / "analysis.sqlite"
 
-    @property
-    def settings(self) -> RunSettings:
-        return RunSettings.from_dict(self.record["settings"])
-
     # --- creation and loading -------------------------------------------------------
     @classmethod
     def create(cls, settings: RunSettings, name: str | None = None) -> Run:
-        root = paths.ensure_dir(paths.runs_root())
+        paths.ensure_dir(paths.runs_root())
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_id = name or f"{stamp}-{secrets.token_hex(2)}"
-        if not _ID_RE.match(run_id):
-            raise XdiffError(f"invalid run name {run_id!r}", "use letters, digits, '.', '_' and '-'")
-        run_dir = root / run_id
+        run_dir = run_dir_for(run_id)
         if run_dir.exists():
             raise XdiffError(f"run {run_id!r} already exists", "pick another --name, or `xdiff rm` it first")
         run_dir.mkdir(parents=True)
-        record = {
-            "id": run_id,
-            "created": _now(),
-            "settings": settings.to_dict(),
-            "models": {},
-            "stages": {},
-            "metrics": {},
-            "versions": _versions(),
-        }
-        run = cls(run_dir, record)
+        run = cls(run_dir, RunRecord(id=run_id, created=_now(), settings=settings, versions=_versions()))
         run.save()
         return run
 
     @classmethod
     def load(cls, run_dir: Path) -> Run:
-        record = read_json(Path(run_dir) / "run.json", "run record")
-        if not isinstance(record, dict) or "id" not in record or "settings" not in record:
-            raise XdiffError(f"run record at {run_dir}/run.json is corrupt", "delete the run with `xdiff rm`")
+        raw = read_json(Path(run_dir) / "run.json", "run record")
+        try:
+            record = RunRecord.from_json(raw)
+        except (ValueError, TypeError, XdiffError) as exc:
+            raise XdiffError(
+                f"run record at {run_dir}/run.json is corrupt ({exc})", f"delete the run with `xdiff rm {Path(run_dir).name}`"
+            ) from exc
         return cls(Path(run_dir), record)
 
     def save(self) -> None:
-        write_json(self.json_path, self.record)
+        write_json(self.json_path, self.record.to_json())
+
+    def reload(self) -> Run:
+        return Run.load(self.dir)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of this run; a second command fails naming the process holding it."""
+        from xdiff_cli.locks import exclusive
+
+        with exclusive(self.lock_path, f"run {self.id}"):
+            yield
 
     # --- stages ---------------------------------------------------------------------
-    def stage_done(self, stage: str) -> bool:
-        return self.record.get("stages", {}).get(stage, {}).get("status") == "done"
+    def stage_status(self, stage: str) -> str | None:
+        entry = self.record.stages.get(stage)
+        return entry.status if entry else None
 
-    def mark_stage(self, stage: str, status: str, **info: Any) -> None:
-        """Record a stage's status ('running', 'done', 'failed') with extra info."""
-        entry = {"status": status, "updated": _now(), **info}
-        self.record.setdefault("stages", {})[stage] = entry
+    def stage_done(self, stage: str) -> bool:
+        return self.stage_status(stage) == "done"
+
+    def mark_stage(self, stage: str, status: str, *, error: str | None = None, **info: Any) -> None:
+        """Record a stage's status ('running', 'done', 'failed', 'interrupted')."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown stage status {status!r}")
+        self.record.stages[stage] = StageStatus(status, _now(), error, info)
         self.save()
 
-    def clear_stages_from(self, stage: str) -> None:
-        """Forget `stage` and every later one (for --restart-from)."""
-        if stage not in STAGES:
-            raise XdiffError(f"unknown stage {stage!r}", f"choose one of {', '.join(STAGES)}")
-        for later in STAGES[STAGES.index(stage) :]:
-            self.record.get("stages", {}).pop(later, None)
+    def forget_stages(self, stages: list[str]) -> None:
+        for stage in stages:
+            self.record.stages.pop(stage, None)
         self.save()
 
     @property
     def current_stage(self) -> str:
-        """The first stage not done, or 'done'."""
-        for stage in STAGES:
-            if not self.stage_done(stage):
-                status = self.record.get("stages", {}).get(stage, {}).get("status")
-                return f"{stage} ({status})" if status else stage
-        return "done"
+        """The first stage not done (with its status), or 'done'."""
+        stage = missing_stage(self.stage_done, None)
+        if stage is None:
+            return "done"
+        status = self.stage_status(stage)
+        return f"{stage} ({status})" if status else stage
 
-    def set_model(self, side: str, info: dict[str, Any]) -> None:
-        self.record.setdefault("models", {})[side] = info
+    @property
+    def complete(self) -> bool:
+        return missing_stage(self.stage_done, None) is None
+
+    def set_model(self, side: str, info: ModelRecord | dict[str, Any]) -> None:
+        self.record.models[side] = info if isinstance(info, ModelRecord) else ModelRecord.from_json(info)
         self.save()
 
     def set_metrics(self, **metrics: Any) -> None:
-        self.record.setdefault("metrics", {}).update(metrics)
+        self.record.metrics.update(metrics)
+        self.save()
+
+    def update_settings(self, settings: RunSettings) -> None:
+        self.record.settings = settings
         self.save()
 
     def disk_bytes(self) -> int:
         return paths.dir_bytes(self.dir)
 
 
-def list_runs() -> list[Run]:
-    """All readable runs, newest first (corrupt ones are skipped, not fatal)."""
+@dataclass
+class CorruptRun:
+    """A run directory whose run.json cannot be read: listed as corrupt, removable."""
+
+    dir: Path
+    error: str
+
+    @property
+    def id(self) -> str:
+        return self.dir.name
+
+    def disk_bytes(self) -> int:
+        return paths.dir_bytes(self.dir)
+
+
+# --------------------------------------------------------------------------------------
+# Finding runs
+# --------------------------------------------------------------------------------------
+
+
+def scan_runs() -> list[Run | CorruptRun]:
+    """Every run directory, newest first; unreadable ones as CorruptRun (never an error)."""
     root = paths.runs_root()
     if not root.is_dir():
         return []
-    runs = []
+    runs: list[Run | CorruptRun] = []
     for run_dir in root.iterdir():
-        if (run_dir / "run.json").is_file():
-            try:
-                runs.append(Run.load(run_dir))
-            except XdiffError:
-                continue
-    runs.sort(key=lambda r: (r.record.get("created", ""), r.id), reverse=True)
+        if not run_dir.is_dir() or not paths.ID_RE.match(run_dir.name):
+            continue
+        if not (run_dir / "run.json").exists():
+            continue
+        try:
+            runs.append(Run.load(run_dir))
+        except XdiffError as exc:
+            runs.append(CorruptRun(run_dir, str(exc)))
+    runs.sort(key=lambda r: (r.record.created if isinstance(r, Run) else "", r.id), reverse=True)
     return runs
 
 
-def resolve_run(run_id: str | None) -> Run:
-    """The run named `run_id`, or the newest run when it is None."""
-    if run_id is None:
-        runs = list_runs()
-        if not runs:
-            raise XdiffError("no runs yet", "start one with `xdiff run MODEL_A MODEL_B` (or `--preset tiny`)")
-        return runs[0]
-    run_dir = paths.runs_root() / run_id
-    if not _ID_RE.match(run_id) or not (run_dir / "run.json").is_file():
+def list_runs() -> list[Run]:
+    """All readable runs, newest first (corrupt ones are left out here; `scan_runs` shows them)."""
+    return [r for r in scan_runs() if isinstance(r, Run)]
+
+
+def load_run(run_id: str) -> Run:
+    run_dir = run_dir_for(run_id)
+    if not (run_dir / "run.json").is_file():
         raise XdiffError(f"no run named {run_id!r}", "list runs with `xdiff runs`")
     return Run.load(run_dir)
 
 
+def resolve_run(run_id: str | None, *, needs: str | None = None) -> Run:
+    """The run named `run_id`; by default the newest run that has `needs` done (every stage
+    when `needs` is None, i.e. the newest analysed run), else the newest run.
+
+    A named run missing a stage before `needs` fails naming that stage and the command that
+    makes it."""
+    if run_id is not None:
+        run = load_run(run_id)
+        if needs is not None:
+            require(run, needs)
+        return run
+    runs = list_runs()
+    if not runs:
+        raise XdiffError("no runs yet", "start one with `xdiff run MODEL_A MODEL_B` (or `--preset tiny`)")
+    for run in runs:
+        if missing_stage(run.stage_done, needs) is None:
+            return run
+    if needs is None:
+        return runs[0]
+    require(runs[0], needs)  # names what the newest run lacks
+    return runs[0]
+
+
+def require(run: Run, needs: str) -> None:
+    """Fail unless `needs` and every stage before it are done in `run`."""
+    stage = missing_stage(run.stage_done, needs)
+    if stage is not None:
+        status = run.stage_status(stage)
+        state = {"failed": "failed", "interrupted": "was interrupted", "running": "is running or was killed"}.get(
+            status or "", "has not run"
+        )
+        what = {"analyze": "analysed", "train": "trained", "harvest": "harvested", "pull": "pulled"}.get(needs, needs)
+        raise XdiffError(
+            f"run {run.id} has not been {what} yet: stage {stage} {state}", f"run `{stage_command(stage, run.id)}`"
+        )
+
+
 def remove_run(run_id: str) -> Path:
-    run = resolve_run(run_id)
-    shutil.rmtree(run.dir)
-    return run.dir
+    """Delete a run directory, readable or not; refuses while another process works on it."""
+    from xdiff_cli.locks import exclusive
+
+    run_dir = run_dir_for(run_id)
+    if not run_dir.is_dir():
+        raise XdiffError(f"no run named {run_id!r}", "list runs with `xdiff runs`")
+    with exclusive(run_dir / ".lock", f"run {run_id}"):
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+__all__ = [
+    "STAGE_NAMES", "CorruptRun", "ModelRecord", "Run", "RunRecord", "StageStatus", "list_runs",
+    "load_run", "remove_run", "require", "resolve_run", "run_dir_for", "scan_runs", "validate_id",
+]

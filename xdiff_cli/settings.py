@@ -1,12 +1,19 @@
 """Every setting of a run, typed and validated in one place.
 
 `RunSettings` is what `xdiff run` (and each stage command) accepts, what presets set, and
-what `run.json` records so a run can be reproduced. Field docs double as `--help` text.
+what `run.json` records so a run can be reproduced. Each field is declared once: its type,
+default, `--help` text and CLI flag live here, and the commands get their options from it
+(`cli_options`). Decisions derived from settings live here too: the default dictionary
+size and the size of each exclusive block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +21,24 @@ from xdiff_cli.errors import XdiffError
 
 QUANT_CHOICES = ("auto", "none", "8bit", "4bit")
 ARCH_CHOICES = ("dfc", "crosscoder")
+# Not a setting: it says what this command line allows, so run.json never records it and a
+# run never enables custom model code by itself. Commands that load models take the flag.
+TRUST_REMOTE_CODE_HELP = "Allow models that ship custom Python code (only from publishers you trust)."
+LEGACY_KEYS = ("trust_remote_code",)  # recorded by older versions; ignored when read
+DICT_EXPANSION = 32  # the paper's dictionary: 32 x the mean width of the two models
+
+
+def default_dict_size(d_a: int, d_b: int) -> int:
+    """The paper's 32x expansion of the mean width (131,072 for d≈4096)."""
+    return DICT_EXPANSION * (d_a + d_b) // 2
+
+
+def exclusive_size(dict_size: int, exclusive_frac: float, arch: str = "dfc") -> int:
+    """Features in *each* exclusive block (0 for a standard crosscoder); the plan and the
+    trained model both use this, so they agree for every size."""
+    if arch == "crosscoder":
+        return 0
+    return int(round(dict_size * exclusive_frac))
 
 
 @dataclass
@@ -41,13 +66,16 @@ class RunSettings:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, init and sampling."})
     top_examples: int = field(default=20, metadata={"help": "Top examples kept per feature."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship custom code."})
     allow_pickle_weights: bool = field(
         default=False, metadata={"help": "Allow pickle .bin weights when a repo has no safetensors."}
     )
 
     def validate(self) -> RunSettings:
         """Reject impossible combinations early, with a message that says what to change."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise XdiffError(f"{flag(f.name)} must be a finite number, got {value}")
         if self.tokens <= 0:
             raise XdiffError(f"--tokens must be positive, got {self.tokens}")
         if not 0.0 <= self.exclusive_frac < 0.5:
@@ -71,15 +99,22 @@ class RunSettings:
             raise XdiffError(f"--lr must be positive, got {self.lr}")
         return self
 
+    def dict_size_for(self, d_a: int, d_b: int) -> int:
+        return self.dict_size if self.dict_size is not None else default_dict_size(d_a, d_b)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSettings:
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in LEGACY_KEYS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise XdiffError(f"unknown setting(s): {', '.join(unknown)}")
+        for f in dataclasses.fields(cls):
+            if f.name in data and not _has_type(data[f.name], str(f.type)):
+                raise XdiffError(f"setting {f.name} has the wrong type ({data[f.name]!r})")
         return cls(**data)
 
     def updated(self, **changes: Any) -> RunSettings:
@@ -88,7 +123,86 @@ class RunSettings:
 
 
 def help_for(name: str) -> str:
+    return _field(name).metadata.get("help", "")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a setting: `harvest_batch_size` → `--harvest-batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def _field(name: str) -> dataclasses.Field:
     for f in dataclasses.fields(RunSettings):
         if f.name == name:
-            return f.metadata.get("help", "")
+            return f
     raise KeyError(name)
+
+
+def _has_type(value: Any, declared: str) -> bool:
+    if value is None:
+        return declared.endswith("| None")
+    kind = _OPTION_TYPES[declared]
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+_OPTION_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "bool": bool}
+
+
+def cli_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a typer command one option per named setting, derived from the field here.
+
+    The decorated command declares a parameter `options: dict` and receives the settings
+    the user gave (not given → left out), ready for `RunSettings.updated(**options)`.
+    Flags are `--field-name`; help is the field doc; booleans are on/off flags."""
+    import typer
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        import typing
+
+        hints = typing.get_type_hints(command)
+        signature = inspect.signature(command)
+        signature = signature.replace(parameters=[
+            p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+        ])
+        added = []
+        for name in names:
+            kind = _OPTION_TYPES[str(_field(name).type)]
+            if kind is bool:
+                default = typer.Option(False, flag(name), help=help_for(name))
+                annotation: Any = bool
+            else:
+                default = typer.Option(None, flag(name), help=help_for(name))
+                annotation = kind | None
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                           annotation=annotation))
+        kept = [p for p in signature.parameters.values() if p.name != "options"]
+        positional = [p for p in kept if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p for p in kept if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        # Arguments first, then the settings, then the command's own options (e.g. --run, --quiet).
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional if _is_argument(p)]
+        params += added
+        params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional if not _is_argument(p)]
+        params += keyword
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            kwargs["options"] = {k: v for k, v in given.items() if v is not None and v is not False}
+            return command(**kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {**{p.name: p.annotation for p in params}, "return": None}
+        del wrapper.__wrapped__  # typer must read the new signature, not the original
+        return wrapper
+
+    return decorate
+
+
+def _is_argument(param: inspect.Parameter) -> bool:
+    from typer.models import ArgumentInfo
+
+    return isinstance(param.default, ArgumentInfo)

@@ -265,8 +265,10 @@ def mean_kl(logp_steered_NV: torch.Tensor, logp_plain_NV: torch.Tensor) -> float
 class Steerer:
     """Steered generation for one run: crosscoder, feature index and models, loaded lazily."""
 
-    def __init__(self, run: Any, *, device: str | None = None, quant: str | None = None) -> None:
+    def __init__(self, run: Any, *, device: str | None = None, quant: str | None = None,
+                 trust_remote_code: bool = False) -> None:
         self.run = run
+        self.trust_remote_code = trust_remote_code  # from this command line only, never run.json
         self.device = device
         self.quant = quant
         self._crosscoder: Any = None
@@ -306,7 +308,8 @@ class Steerer:
 
     def model_info(self, side: str) -> dict[str, Any]:
         """run.json's record of the model (from `pull`), falling back to the settings."""
-        info = dict(self.run.record.get("models", {}).get(side) or {})
+        model = self.run.models.get(side)
+        info = {k: v for k, v in model.to_json().items() if v is not None} if model else {}
         spec = getattr(self.run.settings, f"model_{side}")
         info.setdefault("spec", spec)
         info.setdefault("path", spec)
@@ -358,7 +361,7 @@ class Steerer:
         dtype = info.get("dtype") if self.device is None else None
         if on_progress is not None:
             on_progress(f"loading model {side.upper()} ({self.model_name(side)}, {quant}) …")
-        loaded = load_model(path, quant=quant, device=device, dtype=dtype, trust_remote_code=settings.trust_remote_code)
+        loaded = load_model(path, quant=quant, device=device, dtype=dtype, trust_remote_code=self.trust_remote_code)
         self._models[side] = loaded
         return loaded
 

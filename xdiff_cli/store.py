@@ -36,6 +36,26 @@ from xdiff_cli.atomic import (
 from xdiff_cli.errors import XdiffError
 
 FORMAT_VERSION = 1
+STORE_BYTES_PER_VALUE = 2  # activations are stored in bf16/fp16
+INDEX_BYTES_PER_PAIR = 5 * 8  # doc_id, start_a, start_b, end (+ one spare) as int64
+
+
+def estimate_bytes(tokens: int, d_a: int, d_b: int) -> int:
+    """Disk the shards of `tokens` aligned pairs take (no headroom: `paths.check_free_space` adds it)."""
+    return int(tokens * ((d_a + d_b) * STORE_BYTES_PER_VALUE + INDEX_BYTES_PER_PAIR))
+
+
+def eval_start_shard(shard_tokens: list[int], eval_fraction: float) -> int:
+    """First eval shard: the fewest trailing shards holding >= eval_fraction of the tokens.
+
+    Chosen by tokens, not shard count (the last shard is often a small remainder), and
+    always leaving at least one shard for training and one for eval."""
+    target = eval_fraction * sum(shard_tokens)
+    held_out, start = 0, len(shard_tokens)
+    while start > 1 and (held_out < target or start == len(shard_tokens)):
+        start -= 1
+        held_out += shard_tokens[start]
+    return start
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.jsonl"
 SHARDS_DIR = "shards"
@@ -387,9 +407,9 @@ class StoreWriter:
                 f"the corpus yielded only {self.manifest['n_tokens']} aligned tokens ({n} shard)",
                 "use a larger corpus (or more --tokens) so there are train and eval shards",
             )
-        n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+        start = eval_start_shard([s["n_tokens"] for s in self.manifest["shards"]], eval_fraction)
         self.manifest.update(
             scale_a=scale_a, scale_b=scale_b, aligned_fraction=aligned_fraction,
-            eval_start_shard=n - n_eval, complete=True,
+            eval_start_shard=start, complete=True,
         )
         self._save()

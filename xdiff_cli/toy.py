@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xdiff_cli.ranking import EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW
+
 COSINE_MATCH = 0.8
 
 
@@ -114,7 +116,7 @@ def exclusive_labels(model) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN00
         return torch.from_numpy(labels == "a"), torch.from_numpy(labels == "b")
     norm_a, norm_b = model.decoder_norms()
     R = norm_a / (norm_a + norm_b).clamp_min(1e-12)
-    return (R > 0.8).cpu(), (R < 0.2).cpu()
+    return (R > EXCLUSIVE_R_HIGH).cpu(), (R < EXCLUSIVE_R_LOW).cpu()
 
 
 def _cosines(W_FD: torch.Tensor, concepts_CD: np.ndarray) -> torch.Tensor:

@@ -233,11 +233,9 @@ class TrainConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise XdiffError(f"device {device!r} requested but CUDA is not available", "use --device cpu")
-    return torch.device(device)
+    from xdiff_cli.hardware import resolve_device as resolve
+
+    return torch.device(resolve(device))
 
 
 def k_at(step: int, cc: CrosscoderConfig, tc: TrainConfig) -> float:
@@ -839,7 +837,7 @@ class _progress_bar:
 
 def configs_from_settings(settings, d_a: int, d_b: int) -> tuple[CrosscoderConfig, TrainConfig]:  # noqa: ANN001
     """CrosscoderConfig and TrainConfig from a run's `RunSettings`."""
-    dict_size = settings.dict_size if settings.dict_size is not None else 32 * (d_a + d_b) // 2
+    dict_size = settings.dict_size_for(d_a, d_b)
     cc = CrosscoderConfig(
         d_a=d_a, d_b=d_b, dict_size=dict_size, k=settings.k, exclusive_frac=settings.exclusive_frac, arch=settings.arch
     )
@@ -859,7 +857,7 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     """The `train` stage of a run: reads `run.store_dir`, writes `run.crosscoder_dir`.
 
     Returns at once when `final/` exists; resumes from the newest checkpoint otherwise.
-    Records final metrics in run.json; marking the stage done is the caller's job."""
+    Records final metrics in run.json; marking the stage done is the stage runner's job."""
     out_dir = Path(run.crosscoder_dir)
     final_dir = out_dir / "final"
     from xdiff_cli.integrity import crosscoder_problem
@@ -872,7 +870,7 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
                           "finishing training again from the last checkpoint")
         shutil.rmtree(final_dir, ignore_errors=True)
     if problem is None:
-        m = run.record.get("metrics", {})
+        m = run.metrics
         return TrainResult(
             out_dir,
             final_dir,
@@ -895,3 +893,8 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
         **result.dead_blocks,
     )
     return result
+
+
+def train_stage(run, ctx) -> None:  # noqa: ANN001 - runs.Run, stages.StageContext
+    """The train stage for the stage runner."""
+    train_run(run, progress=ctx.progress)

@@ -4,37 +4,29 @@ from __future__ import annotations
 
 import typer
 
-# Kept in sync with analysis.RANKING_HELP (that module imports torch; --help must not).
-RANKING_HELP = (
-    "Default ranking (--sort rank), most worth a look first: (1) candidate differences — A- or "
-    "B-exclusive features, and shared features whose relative decoder norm R = |dA|/(|dA|+|dB|) is "
-    "< 0.2 or > 0.8; (2) candidates flagged as tokenization artifacts (> 80% of their firing mass on one "
-    "word that A and B tokenise differently); (3) other live shared features; (4) dead features. Within a "
-    "tier, features that fire on many different words (effective number of word types), are not dominated "
-    "by one word, have consistent top examples and fire at a moderate frequency (1e-4 to 0.1) come first."
-)
+from xdiff_cli.commands.common import RUN_HELP
+from xdiff_cli.ranking import RANKING_HELP
+
 TABLE_DEFAULT_LIMIT = 25
 SNIPPET_WIDTH = 56
 
 
 def analyze(
-    run_id: str | None = typer.Option(None, "--run", help="Run id (default: newest)."),
+    run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
     force: bool = typer.Option(False, "--force", help="Recompute even if the run is already analysed."),
 ) -> None:
     """Analyse a trained run: feature statistics, top examples, ranking (writes analysis.sqlite)."""
-    from xdiff_cli.analysis import analyze_run
+    from xdiff_cli import stages
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console
     from xdiff_cli.feature_index import FeatureIndex
-    from xdiff_cli.runs import resolve_run
 
-    run = resolve_run(run_id)
-    run.mark_stage("analyze", "running")
-    try:
-        path = analyze_run(run, progress=True, force=force)
-    except BaseException:
-        run.mark_stage("analyze", "failed")
-        raise
-    run.mark_stage("analyze", "done", path=str(path))
+    run = pick_run(run_id, needs="train")
+    with run.lock():
+        if force:
+            stages.restart_from(run, "analyze")
+        stages.run_stages(run, stages.StageContext(), first="analyze", through="analyze", rerun=("analyze",))
+    path = run.analysis_path
     index = FeatureIndex.open(path)
     summary = index.meta.get("summary", {})
     console.print(
@@ -53,7 +45,7 @@ def analyze(
 
 
 def features(
-    run_id: str | None = typer.Option(None, "--run", help="Run id (default: newest)."),
+    run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
     partition: str = typer.Option("all", "--partition", "-p", help="a, b, shared or all."),
     sort: str = typer.Option(
         "rank", "--sort", help="rank (default ranking), frequency, max_activation, rel_norm, score or id."
@@ -66,10 +58,10 @@ def features(
     examples: int = typer.Option(20, "--examples", min=0, help="Examples per feature in --json output."),
 ) -> None:
     """List a run's features, most worth a look first."""
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.feature_index import FeatureIndex
-    from xdiff_cli.runs import resolve_run
 
-    run = resolve_run(run_id)
+    run = pick_run(run_id, needs="analyze")
     index = FeatureIndex.open(run.analysis_path)
     try:
         if not as_json and limit is None:
@@ -103,7 +95,7 @@ features.__doc__ = f"List a run's features, most worth a look first.\n\n{RANKING
 
 
 def report(
-    run_id: str | None = typer.Option(None, "--run", help="Run id (default: newest)."),
+    run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
     out: str | None = typer.Option(None, "--out", "-o", help="Output file (default: report.html/.md in the run dir)."),
     fmt: str = typer.Option("html", "--format", "-f", help="html (self-contained) or md."),
     top: int = typer.Option(10, "--top", min=1, help="Exclusive features shown per model."),
@@ -111,14 +103,14 @@ def report(
     """Write a self-contained report (models, settings, metrics, top exclusive features)."""
     from pathlib import Path
 
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.report import write_report
-    from xdiff_cli.runs import resolve_run
 
     if fmt not in ("html", "md"):
         raise XdiffError(f"unknown report format {fmt!r}", "use html or md")
-    run = resolve_run(run_id)
+    run = pick_run(run_id, needs="analyze")
     path = write_report(run, Path(out) if out else None, fmt=fmt, top=top)
     console.print(f"report written to {path}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from xdiff_cli.settings import QUANT_CHOICES
+from xdiff_cli.settings import QUANT_CHOICES, TRUST_REMOTE_CODE_HELP, help_for
 
 
 def pull(
@@ -15,17 +15,16 @@ def pull(
         "--allow-pickle-weights",
         help="Also download pickle .bin weights (only from publishers you trust).",
     ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow models that ship their own Python code."
-    ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Download what loading MODEL needs (config, tokenizer, safetensors) into the HF cache."""
     from dataclasses import replace
 
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.hub import fetch_model, parse_model_spec
+    from xdiff_cli.hub import parse_model_spec
     from xdiff_cli.loading import inspect_model_dir
+    from xdiff_cli.pull import fetch
 
     spec = parse_model_spec(model)
     if revision:
@@ -36,9 +35,8 @@ def pull(
                 f"two revisions given ({spec.revision} and {revision})", "use MODEL@REV or --revision"
             )
         spec = replace(spec, revision=revision)
-    fetched = fetch_model(
-        spec, allow_pickle_weights=allow_pickle_weights, trust_remote_code=trust_remote_code
-    )
+    # The same resolver as a run's pull stage (one download per cache entry at a time).
+    fetched = fetch(spec, allow_pickle_weights=allow_pickle_weights, trust_remote_code=trust_remote_code)
     info = inspect_model_dir(fetched.path, trust_remote_code=trust_remote_code)
     console.print(f"[bold]path[/]      {fetched.path}")
     console.print(f"[bold]repo[/]      {fetched.repo_id or '(local directory)'}")
@@ -51,14 +49,12 @@ def pull(
 def plan(
     model_a: str = typer.Argument(..., help="Model A: hub id or local directory."),
     model_b: str = typer.Argument(..., help="Model B: hub id or local directory."),
-    quant: str = typer.Option("auto", "--quant", help="auto, none, 8bit or 4bit (both models)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    quant: str = typer.Option("auto", "--quant", help=help_for("quant")),
+    device: str = typer.Option("auto", "--device", help=help_for("device")),
     gpu_memory: float = typer.Option(
         None, "--gpu-memory", help="Plan for this many GB free instead of measuring the device."
     ),
-    dict_size: int = typer.Option(
-        None, "--dict-size", help="Crosscoder features (default: 32 x mean width)."
-    ),
+    dict_size: int = typer.Option(None, "--dict-size", help=help_for("dict_size")),
 ) -> None:
     """Show how two models and the crosscoder fit in memory (downloads configs only)."""
     from xdiff_cli.console import console
@@ -76,7 +72,7 @@ def plan(
         target = "cuda"
         free = int(gpu_memory * 1e9)
     else:
-        from xdiff_cli.loading import resolve_device
+        from xdiff_cli.hardware import resolve_device
 
         target = resolve_device(device)
         free = None

@@ -6,90 +6,78 @@ import sys
 
 import typer
 
-from xdiff_cli.settings import help_for
+from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP, cli_options
 
 _STAGE_CHOICES = "pull, harvest, train or analyze"
 
 
+RUN_SETTINGS = (
+    "corpus", "tokens", "layer_a", "layer_b", "context_length", "dict_size", "k", "exclusive_frac", "arch",
+    "steps", "batch_size", "lr", "quant", "device", "seed", "allow_pickle_weights",
+)
+
+
+@cli_options(*RUN_SETTINGS)
 def run(
     model_a: str | None = typer.Argument(None, help="Model A: hub id (org/name[@rev]), local dir, or tiny:NAME."),
     model_b: str | None = typer.Argument(None, help="Model B: hub id (org/name[@rev]), local dir, or tiny:NAME."),
     preset: str | None = typer.Option(None, "--preset", help="Settings (and models) from presets/NAME.toml."),
-    corpus: str | None = typer.Option(None, "--corpus", help=help_for("corpus")),
-    tokens: int | None = typer.Option(None, "--tokens", help=help_for("tokens")),
-    layer_a: int | None = typer.Option(None, "--layer-a", help=help_for("layer_a")),
-    layer_b: int | None = typer.Option(None, "--layer-b", help=help_for("layer_b")),
-    context_length: int | None = typer.Option(None, "--context-length", help=help_for("context_length")),
-    dict_size: int | None = typer.Option(None, "--dict-size", help=help_for("dict_size")),
-    k: int | None = typer.Option(None, "--k", help=help_for("k")),
-    exclusive_frac: float | None = typer.Option(None, "--exclusive-frac", help=help_for("exclusive_frac")),
-    arch: str | None = typer.Option(None, "--arch", help=help_for("arch")),
-    steps: int | None = typer.Option(None, "--steps", help=help_for("steps")),
-    batch_size: int | None = typer.Option(None, "--batch-size", help=help_for("batch_size")),
-    lr: float | None = typer.Option(None, "--lr", help=help_for("lr")),
-    quant: str | None = typer.Option(None, "--quant", help=help_for("quant")),
-    device: str | None = typer.Option(None, "--device", help=help_for("device")),
-    seed: int | None = typer.Option(None, "--seed", help=help_for("seed")),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=help_for("trust_remote_code")),
-    allow_pickle_weights: bool = typer.Option(
-        False, "--allow-pickle-weights", help=help_for("allow_pickle_weights")
-    ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     name: str | None = typer.Option(None, "--name", help="Run id (default: a timestamp). Reusing it resumes."),
     restart_from: str | None = typer.Option(
         None, "--restart-from", help=f"Redo this stage and every later one ({_STAGE_CHOICES})."
     ),
     new: bool = typer.Option(False, "--new", help="Start a new run even if an identical one exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    *,
+    options: dict,
 ) -> None:
     """Pull two models, harvest aligned activations, train a DFC, analyse: one resumable run.
 
     Re-running the same command resumes the newest run with identical settings where it
     stopped (Ctrl-C is safe). `xdiff run --preset tiny` needs no network.
     """
-    from xdiff_cli import paths, pipeline
+    from xdiff_cli import paths, pipeline, stages
+    from xdiff_cli import plan as planning
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.runs import STAGES
+    from xdiff_cli.hardware import detect_hardware
 
-    if restart_from is not None and restart_from not in STAGES:
+    if restart_from is not None and restart_from not in stages.STAGE_NAMES:
         raise XdiffError(f"unknown stage {restart_from!r} for --restart-from", f"choose {_STAGE_CHOICES}")
-    options = {
-        "corpus": corpus, "tokens": tokens, "layer_a": layer_a, "layer_b": layer_b,
-        "context_length": context_length, "dict_size": dict_size, "k": k, "exclusive_frac": exclusive_frac,
-        "arch": arch, "steps": steps, "batch_size": batch_size, "lr": lr, "quant": quant, "device": device,
-        "seed": seed, "trust_remote_code": trust_remote_code or None,
-        "allow_pickle_weights": allow_pickle_weights or None,
-    }
-    hardware = pipeline.detect_hardware()
-    resolved = pipeline.resolve_settings(model_a, model_b, preset_name=preset, options=options, hardware=hardware)
+    hardware = detect_hardware()
+    resolved = planning.resolve_settings(model_a, model_b, preset_name=preset, options=options, hardware=hardware)
     for warning in resolved.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    plan = pipeline.make_plan(resolved, hardware)
+    plan = planning.make_plan(resolved, hardware)
     existing = pipeline.find_run(plan.settings, name=name, new=new)
     done_store = paths.dir_bytes(existing.store_dir) if existing is not None else 0
-    pipeline.check_inputs(plan, done_store_bytes=done_store)
+    planning.check_inputs(plan, done_store_bytes=done_store)
     print_plan(plan)
     if dry_run:
         return
-    if existing is not None and pipeline.is_complete(existing) and restart_from is None:
+    if existing is not None and existing.complete and restart_from is None:
         console.print(f"\nrun [bold]{existing.id}[/] with these settings is already complete "
                       f"(--new starts another, --restart-from STAGE redoes part of it)")
         print_summary(pipeline.summarize(existing))
         return
     run_ = existing or pipeline.create_run(plan, name, command=["xdiff", *sys.argv[1:]])
-    if restart_from is not None:
-        pipeline.restart_from(run_, restart_from)
-    if existing is not None:
-        stage = pipeline.first_unfinished_stage(run_)
-        console.print(f"\n[bold]resuming[/] run [bold]{run_.id}[/] at stage [bold]{stage}[/]")
-    else:
-        console.print(f"\nnew run [bold]{run_.id}[/]")
-    console.print(f"directory: {run_.dir}")
+    with run_.lock():
+        if restart_from is not None:
+            stages.restart_from(run_, restart_from)
+        if existing is not None:
+            stage = stages.missing_stage(run_.stage_done, None)
+            console.print(f"\n[bold]resuming[/] run [bold]{run_.id}[/] at stage [bold]{stage}[/]")
+        else:
+            console.print(f"\nnew run [bold]{run_.id}[/]")
+        console.print(f"directory: {run_.dir}")
 
-    def header(index: int, stage: str) -> None:
-        console.rule(f"[bold][{index + 1}/{len(STAGES)}] {pipeline.STAGE_TITLES[stage]}", align="left")
+        def header(index: int, stage: str) -> None:
+            title = stages.stage(stage).title
+            console.rule(f"[bold][{index + 1}/{len(stages.STAGES)}] {title}", align="left")
 
-    pipeline.execute(run_, pipeline.StageContext(plan), on_stage=header)
+        ctx = stages.StageContext(trust_remote_code=trust_remote_code, hardware=hardware, plan=plan)
+        stages.run_stages(run_, ctx, on_stage=header)
     console.rule("[bold]done", align="left")
     print_summary(pipeline.summarize(run_))
 
@@ -98,7 +86,7 @@ def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
     from rich.table import Table
 
     from xdiff_cli.console import console
-    from xdiff_cli.pipeline import format_bytes, format_count, format_duration
+    from xdiff_cli.formatting import format_bytes, format_count, format_duration
 
     s = plan.settings
     table = Table(show_header=False, box=None, pad_edge=False, title="[bold]plan", title_justify="left")
@@ -119,7 +107,7 @@ def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
     table.add_row("corpus", s.corpus)
     table.add_row("tokens", f"{s.tokens:,} aligned pairs (context {s.context_length})")
     dict_size = plan.dict_size
-    n_ex = int(dict_size * s.exclusive_frac) if dict_size and s.arch == "dfc" else 0
+    n_ex = plan.n_exclusive
     dictionary = f"{dict_size:,} features" if dict_size else "32 x mean width"
     if s.arch == "dfc" and dict_size:
         dictionary += f" ({n_ex:,} A-only, {n_ex:,} B-only, {dict_size - 2 * n_ex:,} shared)"
@@ -178,13 +166,15 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
     """List runs, newest first: id, models, created, stage, metrics, disk use."""
     import json
 
+    from rich.markup import escape
     from rich.table import Table
 
     from xdiff_cli import pipeline
     from xdiff_cli.console import console
-    from xdiff_cli.runs import list_runs
+    from xdiff_cli.formatting import format_bytes
+    from xdiff_cli.runs import scan_runs
 
-    infos = [pipeline.run_info(r) for r in list_runs()]
+    infos = [pipeline.run_info(r) for r in scan_runs()]
     if as_json:
         typer.echo(json.dumps(infos, indent=2))
         return
@@ -198,9 +188,9 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
         m = info["metrics"]
         fve_a, fve_b = m.get("eval_fve_a", m.get("fve_a")), m.get("eval_fve_b", m.get("fve_b"))
         fve = f"{fve_a:.3f}/{fve_b:.3f}" if fve_a is not None and fve_b is not None else "-"
-        models = f"{info['models']['a']}\nvs {info['models']['b']}"
+        models = f"{info['models']['a']}\nvs {info['models']['b']}" if "error" not in info else escape(info["error"])
         table.add_row(info["id"], models, (info["created"] or "")[:19].replace("T", " "), info["stage"], fve,
-                      pipeline.format_bytes(info["disk_bytes"]))
+                      format_bytes(info["disk_bytes"]))
     console.print(table)
 
 
@@ -208,19 +198,22 @@ def rm(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run to delete (see `xdiff runs`)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Delete a run and every artifact in its directory."""
+    """Delete a run and every artifact in its directory (also a run whose run.json is corrupt)."""
+    from xdiff_cli import paths
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.pipeline import format_bytes
-    from xdiff_cli.runs import remove_run, resolve_run
+    from xdiff_cli.formatting import format_bytes
+    from xdiff_cli.runs import remove_run, run_dir_for
 
-    run_ = resolve_run(run_id)
+    run_dir = run_dir_for(run_id)
+    if not run_dir.is_dir():
+        raise XdiffError(f"no run named {run_id!r}", "list runs with `xdiff runs`")
     if not yes:
         if not sys.stdin.isatty():
-            raise XdiffError(f"not deleting run {run_.id} without confirmation", "pass --yes")
-        if not typer.confirm(f"delete run {run_.id} ({format_bytes(run_.disk_bytes())}) at {run_.dir}?"):
+            raise XdiffError(f"not deleting run {run_id} without confirmation", "pass --yes")
+        if not typer.confirm(f"delete run {run_id} ({format_bytes(paths.dir_bytes(run_dir))}) at {run_dir}?"):
             raise typer.Exit(1)
-    removed = remove_run(run_.id)
+    removed = remove_run(run_id)
     console.print(f"deleted {removed}")
 
 

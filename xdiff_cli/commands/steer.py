@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import typer
 
+from xdiff_cli.commands.common import RUN_HELP
+from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP
+
 FEATURE_HELP = "Feature id to steer, optionally with its own scale as ID:SCALE (repeatable)."
 
 
@@ -58,7 +61,7 @@ def steer(
     prompt: str = typer.Argument(..., help="The user message (chat template applied unless --raw)."),
     feature: list[str] = typer.Option(..., "--feature", "-f", help=FEATURE_HELP),
     scale: float | None = typer.Option(None, "--scale", "-s", help="α: multiples of the feature's max activation."),
-    run_id: str | None = typer.Option(None, "--run", help="Run id (default: newest)."),
+    run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
     model: str | None = typer.Option(None, "--model", "-m", help="a or b (default: the model(s) the feature belongs to)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate per answer."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the paper's setting)."),
@@ -68,14 +71,16 @@ def steer(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (no streaming)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's)."),
     quant: str | None = typer.Option(None, "--quant", help="none, 8bit or 4bit (default: the run's)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Steer features and show the unsteered and steered answers side by side."""
+    from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console, err_console
-    from xdiff_cli.runs import resolve_run
     from xdiff_cli.steering import Steerer
 
     features = parse_features(feature, scale)
-    steerer = Steerer(resolve_run(run_id), device=device, quant=quant)
+    steerer = Steerer(pick_run(run_id, needs="analyze"), device=device, quant=quant,
+                      trust_remote_code=trust_remote_code)
     sides = steerer.sides_for(features, model)
 
     def progress(message: str) -> None:

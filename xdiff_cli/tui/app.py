@@ -6,7 +6,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.runs import Run, list_runs, resolve_run
+from xdiff_cli.runs import Run, list_runs, load_run
 from xdiff_cli.tui.commands import XdiffCommands
 from xdiff_cli.tui.screens.empty_state import EmptyStateScreen, no_runs_message, unanalysed_message
 from xdiff_cli.tui.screens.help import HelpScreen
@@ -24,9 +24,10 @@ class XdiffApp(App):
         Binding("ctrl+q", "quit", "Quit", show=False),
     ]
 
-    def __init__(self, run_id: str | None = None) -> None:
+    def __init__(self, run_id: str | None = None, trust_remote_code: bool = False) -> None:
         super().__init__()
         self.run_id = run_id
+        self.trust_remote_code = trust_remote_code  # from `xdiff browse --trust-remote-code` only
         self.user_error: XdiffError | None = None  # re-raised by `xdiff browse` after the screen is gone
 
     def _handle_exception(self, error: Exception) -> None:
@@ -44,7 +45,7 @@ class XdiffApp(App):
     def start(self) -> None:
         """Show the screen the runs on disk call for: empty state, picker, or the run itself."""
         if self.run_id is not None:
-            self.open_run(resolve_run(self.run_id), replace=True)
+            self.open_run(load_run(self.run_id), replace=True)
             return
         runs = list_runs()
         if not runs:
@@ -68,7 +69,7 @@ class XdiffApp(App):
         from xdiff_cli.tui.screens.features import FeaturesScreen
 
         run = Run.load(run.dir)  # re-read: the pipeline may have moved on since it was listed
-        if not run.stage_done("analyze") or not run.analysis_path.is_file():
+        if not run.complete or not run.analysis_path.is_file():
             screen = EmptyStateScreen(*unanalysed_message(run), run=run)
         else:
             try:

@@ -23,7 +23,7 @@ def no_runs_message() -> tuple[str, str]:
 def unanalysed_message(run: Run) -> tuple[str, str]:
     """What stage the run is at and which command finishes it."""
     stage = run.current_stage
-    models = " vs ".join(run.record.get("models", {}).get(s, {}).get("spec", "?") for s in ("a", "b"))
+    models = " vs ".join(run.models[s].spec if s in run.models else "?" for s in ("a", "b"))
     if stage.startswith(("analyze", "done")):
         how = "Finish it with `xdiff analyze` (or rerun `xdiff run`, which resumes)."
     else:

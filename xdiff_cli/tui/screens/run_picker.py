@@ -11,15 +11,13 @@ from xdiff_cli.runs import Run, list_runs
 
 
 def run_models(run: Run) -> str:
-    models = run.record.get("models", {})
-    settings = run.record.get("settings", {})
-    a = models.get("a", {}).get("spec") or settings.get("model_a", "?")
-    b = models.get("b", {}).get("spec") or settings.get("model_b", "?")
+    a = run.models["a"].spec if "a" in run.models else run.settings.model_a or "?"
+    b = run.models["b"].spec if "b" in run.models else run.settings.model_b or "?"
     return f"{a} vs {b}"
 
 
 def run_date(run: Run) -> str:
-    created = run.record.get("created", "")
+    created = run.record.created
     return created[:16].replace("T", " ")
 
 

@@ -133,7 +133,7 @@ class SteerScreen(Screen):
                 call(self.set_status, "loading the crosscoder…")
                 from xdiff_cli.steering import Steerer
 
-                self.steerer = Steerer(self.run)
+                self.steerer = Steerer(self.run, trust_remote_code=getattr(self.app, "trust_remote_code", False))
             features = [(self.feature.id, scale)]
             sides = self.steerer.sides_for(features)
             side = self.view if self.view in sides else sides[0]

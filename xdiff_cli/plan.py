@@ -1,0 +1,206 @@
+"""The plan of an `xdiff run`: settings resolved, models sized, time and disk estimated.
+
+Settings: defaults < hardware profile (no preset) or preset < explicit options. The plan is
+everything known before downloading weights (config.json only); `check_inputs` fails fast
+on what would otherwise fail after minutes of work (corpus, layers, disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xdiff_cli import paths
+from xdiff_cli.errors import XdiffError
+from xdiff_cli.hardware import Hardware, detect_hardware
+from xdiff_cli.presets import Preset, apply_preset, load_preset, match_preset
+from xdiff_cli.pull import TINY_SCHEME, ModelFacts, model_facts
+from xdiff_cli.settings import RunSettings, default_dict_size, exclusive_size
+from xdiff_cli.store import estimate_bytes
+
+# Without a preset, the defaults are sized to what this machine can finish.
+CPU_PROFILE = {"tokens": 50_000, "context_length": 256, "dict_size": 4096, "k": 32, "steps": 2000,
+               "batch_size": 512, "lr": 3e-4}
+GPU_PROFILE = {"tokens": 2_000_000, "steps": 20_000}
+
+# Fixed costs measured on the tiny preset (2 CPU cores): per harvested token, per train step.
+HARVEST_TOKEN_OVERHEAD_S = {False: 5e-4, True: 5e-5}
+TRAIN_STEP_OVERHEAD_S = {False: 0.05, True: 0.005}
+
+
+@dataclass
+class ResolvedSettings:
+    settings: RunSettings
+    preset: Preset | None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_settings(
+    model_a: str | None,
+    model_b: str | None,
+    *,
+    preset_name: str | None = None,
+    options: dict[str, Any] | None = None,
+    hardware: Hardware | None = None,
+) -> ResolvedSettings:
+    """The run's settings from models, an optional preset and the explicit CLI options."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    notes: list[str] = []
+    warnings: list[str] = []
+    if (model_a is None) != (model_b is None):
+        raise XdiffError("pass two models (xdiff run MODEL_A MODEL_B), or none with --preset NAME")
+    if preset_name:
+        preset = load_preset(preset_name)
+    elif model_a and model_b:
+        preset = match_preset(model_a, model_b)
+        if preset:
+            notes.append(f"preset {preset.name!r} picked because the models match it (explicit options win)")
+    else:
+        raise XdiffError("no models given", "pass two models (xdiff run MODEL_A MODEL_B) or --preset NAME")
+    model_a = model_a or preset.model_a
+    model_b = model_b or preset.model_b
+
+    settings = RunSettings(model_a=model_a, model_b=model_b)
+    if preset is not None:
+        settings = apply_preset(settings, preset)
+    else:
+        hardware = hardware or detect_hardware()
+        profile = GPU_PROFILE if hardware.has_gpu else CPU_PROFILE
+        settings = dataclasses.replace(settings, **profile)
+        overridden = sorted(set(profile) - set(options))
+        if overridden:
+            where = "this GPU" if hardware.has_gpu else "a CPU-only machine"
+            notes.append(
+                f"no preset for this pair: defaults sized for {where} "
+                f"({', '.join(f'{k}={profile[k]}' for k in overridden)}); options override them"
+            )
+    settings = settings.updated(**options).validate()
+    # A GPU asked for but absent is a user error now, before any planning touches CUDA.
+    from xdiff_cli.hardware import resolve_device
+
+    resolve_device(settings.device)
+    if _same_model(settings.model_a, settings.model_b):
+        warnings.append("model A and model B are the same: expect no exclusive features (allowed, e.g. as a control)")
+    return ResolvedSettings(settings, preset, notes, warnings)
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a.startswith(TINY_SCHEME) or b.startswith(TINY_SCHEME):
+        return a == b
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.is_dir() and pb.is_dir():
+        return pa.resolve() == pb.resolve()
+    return a.strip().lower() == b.strip().lower()
+
+
+@dataclass
+class Plan:
+    settings: RunSettings
+    preset: Preset | None
+    hardware: Hardware
+    model_a: ModelFacts
+    model_b: ModelFacts
+    precision: str
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    memory: Any = None  # planner.MemoryPlan when the configs were reachable
+
+    @property
+    def dict_size(self) -> int | None:
+        if self.settings.dict_size is not None:
+            return self.settings.dict_size
+        if self.model_a.d_model and self.model_b.d_model:
+            return default_dict_size(self.model_a.d_model, self.model_b.d_model)
+        return None
+
+    @property
+    def n_exclusive(self) -> int:
+        """Features in each exclusive block: the same rounding the trained crosscoder uses."""
+        return exclusive_size(self.dict_size, self.settings.exclusive_frac, self.settings.arch) if self.dict_size else 0
+
+    @property
+    def disk_bytes(self) -> int | None:
+        """Activation store size: tokens × (d_A + d_B) values in 16-bit."""
+        return store_bytes(self.settings.tokens, self.model_a.d_model, self.model_b.d_model)
+
+    def time_seconds(self) -> dict[str, float | None]:
+        """Rough compute-bound estimates per stage (downloads not included)."""
+        s, flops = self.settings, self.hardware.flops
+        out: dict[str, float | None] = {"pull": None, "harvest": None, "train": None, "analyze": None}
+        if self.model_a.n_params and self.model_b.n_params:
+            # Forward passes of both models; ~1.5x for tokens lost to alignment and padding.
+            # Plus a per-token cost (tokenising, aligning, writing) that dominates for small models.
+            per_token = HARVEST_TOKEN_OVERHEAD_S[self.hardware.has_gpu]
+            compute = 1.5 * 2 * (self.model_a.n_params + self.model_b.n_params) * s.tokens / flops
+            out["harvest"] = compute + per_token * s.tokens
+        if self.dict_size and self.model_a.d_model and self.model_b.d_model:
+            width = self.model_a.d_model + self.model_b.d_model
+            step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu]
+            out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / flops + step_overhead)
+            eval_tokens = s.tokens * s.eval_fraction
+            out["analyze"] = 4 * eval_tokens * self.dict_size * width / flops + 5
+        return out
+
+
+def store_bytes(tokens: int, d_a: int | None, d_b: int | None) -> int | None:
+    return estimate_bytes(tokens, d_a, d_b) if d_a and d_b else None
+
+
+def memory_plan(settings: RunSettings, hardware: Hardware, a: ModelFacts, b: ModelFacts) -> Any:
+    """The planner's precision choice for this pair (None when a config is not reachable yet)."""
+    if a.folder is None or b.folder is None:
+        return None
+    from xdiff_cli import planner
+
+    device = hardware.device_for(settings.device)
+    return planner.plan_memory(
+        [planner.footprint_from_dir(a.folder, _short(a.spec)), planner.footprint_from_dir(b.folder, _short(b.spec))],
+        quant=settings.quant,
+        device="cuda" if device.startswith("cuda") else "cpu",
+        dict_size=settings.dict_size,
+        batch_size=settings.batch_size,
+        harvest_batch_size=settings.harvest_batch_size,
+        context_length=settings.context_length,
+    )
+
+
+def _short(spec: str) -> str:
+    return spec.rstrip("/").split("/")[-1] or spec
+
+
+def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None) -> Plan:
+    """Everything known before downloading weights; raises when the models cannot fit."""
+    hardware = hardware or detect_hardware()
+    settings = resolved.settings
+    facts_a, facts_b = model_facts(settings.model_a), model_facts(settings.model_b)
+    notes, warnings = list(resolved.notes), list(resolved.warnings)
+    memory = memory_plan(settings, hardware, facts_a, facts_b)
+    if memory is None:
+        precision = settings.quant if settings.quant != "auto" else "decided after download"
+        notes.append("model configs not reachable yet: precision and estimates are settled after the pull")
+    else:
+        memory.check()
+        precision = ", ".join(dict.fromkeys(m.label for m in memory.models)) + f" ({memory.dtype})"
+        notes += memory.notes
+        default = default_dict_size(facts_a.d_model, facts_b.d_model) if facts_a.d_model and facts_b.d_model else None
+        if settings.dict_size is None and memory.dict_size != default:
+            settings = dataclasses.replace(settings, dict_size=memory.dict_size)
+    return Plan(settings, resolved.preset, hardware, facts_a, facts_b, precision, notes, warnings, memory)
+
+
+def check_inputs(plan: Plan, run_dir: Path | None = None, done_store_bytes: int = 0) -> None:
+    """Cheap checks that must fail before anything heavy: corpus, layers, disk."""
+    from xdiff_cli.corpus import check_corpus
+
+    check_corpus(plan.settings.corpus)
+    for side, facts, layer in (("a", plan.model_a, plan.settings.layer_a), ("b", plan.model_b, plan.settings.layer_b)):
+        if layer is not None and facts.n_layers is not None and not 0 <= layer < facts.n_layers:
+            raise XdiffError(
+                f"--layer-{side} {layer} is out of range for {facts.spec}", f"choose 0..{facts.n_layers - 1}"
+            )
+    needed = plan.disk_bytes
+    if needed is not None:
+        paths.check_free_space(run_dir or paths.runs_root(), needed - done_store_bytes, "the activation store")

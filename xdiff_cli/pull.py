@@ -1,0 +1,157 @@
+"""The pull stage: model specs (`tiny:NAME`, local dirs, hub ids) → local directories.
+
+`fetch` resolves one spec (downloading what loading needs, under a lock per cache entry so
+two commands never fill the same entry at once); `model_facts` reads what the plan needs
+from config.json alone; `pull_stage` records both models of a run (`ModelRecord`: where,
+which revision, and how they load on this machine); `load_pulled_model` loads one of them
+for a later stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xdiff_cli import modelconfig, paths
+from xdiff_cli.errors import XdiffError
+from xdiff_cli.runs import ModelRecord, Run
+
+TINY_SCHEME = "tiny:"
+TINY_BUILD_ORDER = ("llama", "qwen3", "gptoss")  # build order fixes each tiny model's seed
+
+
+def tiny_model_dir(spec: str) -> Path:
+    """Build (once, offline) and return the tiny model named by `tiny:NAME`."""
+    from xdiff_cli.locks import exclusive
+    from xdiff_cli.tiny import build_tiny_models
+
+    name = spec[len(TINY_SCHEME) :]
+    if name not in TINY_BUILD_ORDER:
+        raise XdiffError(f"unknown tiny model {spec!r}", f"choose one of {', '.join('tiny:' + n for n in TINY_BUILD_ORDER)}")
+    # Build every model up to this one so each keeps the seed the test fixtures give it.
+    names = TINY_BUILD_ORDER[: TINY_BUILD_ORDER.index(name) + 1]
+    root = paths.cache_root() / "tiny-models"
+    with exclusive(paths.cache_root() / "locks" / "tiny-models.lock", "the tiny-model cache"):
+        if not (root / name / "planted.json").is_file():
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # one quiet build, not a bar per shard
+        return build_tiny_models(root, names=names)[name]
+
+
+@dataclass
+class Fetched:
+    spec: str
+    path: Path
+    repo_id: str | None
+    revision: str
+
+
+def fetch(spec: Any, *, allow_pickle_weights: bool = False, trust_remote_code: bool = False,
+          token: str | None = None) -> Fetched:
+    """A local directory for `tiny:NAME`, a local dir or a hub id (a str or a parsed
+    `hub.ModelSpec`), downloaded when needed."""
+    if isinstance(spec, str) and spec.startswith(TINY_SCHEME):
+        return Fetched(spec, tiny_model_dir(spec), None, "local")
+    from xdiff_cli.hub import fetch_model, parse_model_spec
+    from xdiff_cli.locks import exclusive
+
+    parsed = parse_model_spec(spec) if isinstance(spec, str) else spec
+    spec = parsed.text if not isinstance(spec, str) else spec
+    if parsed.is_local:
+        fetched = fetch_model(parsed, allow_pickle_weights=allow_pickle_weights, token=token,
+                              trust_remote_code=trust_remote_code)
+        return Fetched(spec, Path(fetched.path), fetched.repo_id, fetched.revision)
+    entry = parsed.repo_id.replace("/", "--")
+    with exclusive(paths.cache_root() / "locks" / f"model--{entry}.lock", f"the download of {parsed.repo_id}"):
+        fetched = fetch_model(parsed, allow_pickle_weights=allow_pickle_weights, token=token,
+                              trust_remote_code=trust_remote_code)
+    return Fetched(spec, Path(fetched.path), fetched.repo_id, fetched.revision)
+
+
+@dataclass
+class ModelFacts:
+    """What the plan needs to know about a model, read from its config (no weights)."""
+
+    spec: str
+    folder: Path | None = None  # a local dir holding at least config.json
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_params: float | None = None
+    weight_bytes: int | None = None
+
+    def layer(self, requested: int | None) -> int | None:
+        if requested is not None:
+            return requested
+        return None if self.n_layers is None else modelconfig.middle_layer(self.n_layers)
+
+
+def _bytes_per_param(dtype: str | None) -> float:
+    return {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}.get(str(dtype), 2.0)
+
+
+def config_facts(spec: str, folder: Path) -> ModelFacts:
+    config = modelconfig.read_config(folder)
+    text = modelconfig.text_config(config)
+    d_model, n_layers = modelconfig.width(config), modelconfig.depth(config)
+    weights = modelconfig.weight_bytes(folder)
+    if weights:
+        n_params: float | None = weights / _bytes_per_param(text.get("torch_dtype") or text.get("dtype"))
+    elif d_model and n_layers:
+        n_params = 12 * n_layers * d_model**2 + 2 * text.get("vocab_size", 32_000) * d_model
+    else:
+        n_params = None
+    return ModelFacts(spec, Path(folder), d_model, n_layers, n_params, weights)
+
+
+def model_facts(spec: str) -> ModelFacts:
+    """Facts from config.json: local dirs read directly, hub ids via a metadata-only fetch."""
+    try:
+        if spec.startswith(TINY_SCHEME):
+            return config_facts(spec, tiny_model_dir(spec))
+        from xdiff_cli.hub import fetch_metadata
+
+        return config_facts(spec, fetch_metadata(spec))
+    except (XdiffError, OSError, ValueError):
+        return ModelFacts(spec)  # unknown until pulled; pull reports the real problem
+
+
+def pull_stage(run: Run, ctx: Any) -> None:  # ctx: stages.StageContext
+    """Resolve/download both models, plan their precision, record where and how they load."""
+    from xdiff_cli.hardware import detect_hardware
+    from xdiff_cli.plan import memory_plan
+
+    settings = run.settings
+    hardware = ctx.hardware or detect_hardware()
+    fetched = {
+        side: fetch(spec, allow_pickle_weights=settings.allow_pickle_weights,
+                    trust_remote_code=ctx.trust_remote_code, token=ctx.token)
+        for side, spec in (("a", settings.model_a), ("b", settings.model_b))
+    }
+    facts = {side: config_facts(f.spec, f.path) for side, f in fetched.items()}
+    memory = memory_plan(settings, hardware, facts["a"], facts["b"]).check()
+    device = hardware.device_for(settings.device)
+    for index, side in enumerate(("a", "b")):
+        f = fetched[side]
+        run.set_model(side, ModelRecord(
+            spec=f.spec, path=str(f.path), repo_id=f.repo_id, revision=f.revision,
+            quant=memory.models[index].quant, dtype=memory.dtype, device=device,
+            d_model=facts[side].d_model, n_layers=facts[side].n_layers,
+            layer=facts[side].layer(settings.layer_a if side == "a" else settings.layer_b),
+        ))
+
+
+def load_pulled_model(run: Run, side: str, ctx: Any) -> Any:  # -> loading.LoadedModel
+    """Load model `side` as pull recorded it; custom code only if this command line allows it."""
+    from xdiff_cli.loading import load_model
+
+    model = run.models.get(side)
+    if model is None or model.path is None:
+        from xdiff_cli.stages import stage_command
+
+        raise XdiffError(f"run {run.id}: stage pull has not run", f"run `{stage_command('pull', run.id)}`")
+    return load_model(
+        Path(model.path), quant=model.quant or "none", device=model.device or "auto", dtype=model.dtype,
+        trust_remote_code=ctx.trust_remote_code,
+    )
