@@ -14,6 +14,7 @@ interleaved with the steps like them).
 
     python benchmarks/train_speed.py                      # d=256+256, F=8192, k=32, batch 1024, then tiny
     python benchmarks/train_speed.py --only main --rounds 7
+    python benchmarks/train_speed.py --only tiny --pieces   # + top-k, AuxK pick, encoder grad alone
     python benchmarks/train_speed.py --paper              # d=4096 per model, 131,072 features, k=200, batch 2,048 (GPU)
 """
 
@@ -97,10 +98,56 @@ def run_size(name: str, args: argparse.Namespace, device: torch.device) -> dict[
     return {"speedup": speedup, "loss_rel_diff": rel}
 
 
+def _best_ms(fn, repeats: int) -> float:  # noqa: ANN001
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def time_pieces(args: argparse.Namespace) -> None:
+    """The step's pieces at the main size, each old form against its replacement (CPU)."""
+    from xdiff_cli.crosscoder import Crosscoder
+    from xdiff_cli.sparse_step import encoder_preacts, select_aux, select_batch_topk
+
+    d_a, d_b, dict_size, k, batch = SIZES["main"]
+    torch.manual_seed(0)
+    model = Crosscoder(CrosscoderConfig(d_a=d_a, d_b=d_b, dict_size=dict_size, k=k))
+    x_a, x_b = torch.randn(batch, d_a), torch.randn(batch, d_b)
+    pre = encoder_preacts(model, x_a, x_b, sync_free=False)
+    norm = sum(model.decoder_norms()).detach()
+    dead = torch.rand(dict_size, generator=torch.Generator().manual_seed(1)) < 0.1  # 10% dead
+    n_keep, k_aux = k * batch, (d_a + d_b) // 4
+    threshold = float(select_batch_topk(pre, norm, n_keep, None)[1].min())
+
+    def dense_aux() -> None:  # what the dense step does: two [N, F] tensors, then top-k
+        score = pre.clamp_min(0) * norm
+        torch.where(dead[None, :], score, torch.full_like(score, -1.0)).topk(k_aux, dim=-1, sorted=False)
+
+    grad = torch.zeros(batch, dict_size)
+    flat = select_batch_topk(pre, norm, n_keep, None)[0]
+    grad.view(-1)[flat] = torch.randn(flat.numel())
+    sparse_grad = torch.sparse_coo_tensor(torch.stack([flat % dict_size, flat // dict_size]), grad.view(-1)[flat],
+                                          (dict_size, batch), check_invariants=False)
+    pieces = {
+        "batch top-k: full / pre-filtered": (lambda: select_batch_topk(pre, norm, n_keep, None),
+                                             lambda: select_batch_topk(pre, norm, n_keep, threshold)),
+        "AuxK pick, 10% dead: dense / dead columns": (dense_aux, lambda: select_aux(pre, norm, dead, k_aux, False)),
+        "encoder weight grad (A): dense / sparse": (lambda: x_a.t() @ grad, lambda: torch.sparse.mm(sparse_grad, x_a)),
+    }
+    print(f"[pieces] main size, best of {args.rounds} (ms)")
+    for name, (old, new) in pieces.items():
+        t_old, t_new = _best_ms(old, args.rounds), _best_ms(new, args.rounds)
+        print(f"  {name:45s} {t_old:8.1f} / {t_new:8.1f}  ({t_old / t_new:.1f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper", action="store_true", help="the paper's scale (needs a big GPU)")
     p.add_argument("--only", choices=sorted(SIZES), help="one size instead of main + tiny")
+    p.add_argument("--pieces", action="store_true", help="also time the step's pieces, old form vs new")
     p.add_argument("--steps", type=int, default=3, help="steps per round (x20 for tiny)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -114,6 +161,8 @@ def main() -> None:
     names = ["paper"] if args.paper else [args.only] if args.only else ["main", "tiny"]
     for name in names:
         run_size(name, args, device)
+    if args.pieces:
+        time_pieces(args)
 
 
 if __name__ == "__main__":

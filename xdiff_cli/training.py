@@ -201,7 +201,9 @@ class TrainConfig:
     dead_window_tokens: int | None = None  # None: min(10M, 5% of the tokens seen in training)
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
-    sparse_decode: bool = True  # decode only the k active rows (embedding_bag) instead of dense
+    # True: the optimised step (xdiff_cli/sparse_step.py: sparse encoder backward, pre-filtered
+    # top-k, sparse decoder); False: the plain dense step it is tested and benchmarked against.
+    sparse_decode: bool = True
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
