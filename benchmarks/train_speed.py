@@ -58,18 +58,28 @@ def run_size(name: str, args: argparse.Namespace, device: torch.device) -> dict[
     d_a, d_b, dict_size, k, batch = SIZES[name]
     n_tokens = batch * 8
     g = torch.Generator().manual_seed(0)
-    source = InMemorySource(torch.randn(n_tokens, d_a, generator=g), torch.randn(n_tokens, d_b, generator=g), shard_size=batch)
+    source = InMemorySource(
+        torch.randn(n_tokens, d_a, generator=g), torch.randn(n_tokens, d_b, generator=g), shard_size=batch
+    )
     cc = CrosscoderConfig(d_a=d_a, d_b=d_b, dict_size=dict_size, k=k)
     trainers = {}
     for label, sparse in (("dense", False), ("optimised", True)):
         # A dead window of 2 batches: AuxK is on (many features die on random data).
-        tc = TrainConfig(steps=10**9, batch_size=batch, device=str(device), sparse_decode=sparse, k_anneal_steps=1,
-                         warmup_steps=1, buffer_tokens=n_tokens, dead_window_tokens=2 * batch)
+        tc = TrainConfig(
+            steps=10**9,
+            batch_size=batch,
+            device=str(device),
+            sparse_decode=sparse,
+            k_anneal_steps=1,
+            warmup_steps=1,
+            buffer_tokens=n_tokens,
+            dead_window_tokens=2 * batch,
+        )
         trainers[label] = Trainer(source, cc, tc, device)
     best = {label: float("inf") for label in trainers}
     last_loss = {}
     steps_per_round = args.steps if name != "tiny" else args.steps * 20
-    for label, trainer in trainers.items():  # warm-up (same steps for both)
+    for trainer in trainers.values():  # warm-up (same steps for both)
         for _ in range(3):
             trainer.train_step()
     peak = 0.0
@@ -86,14 +96,20 @@ def run_size(name: str, args: argparse.Namespace, device: torch.device) -> dict[
     dead = {label: float(t.dead_mask().float().mean()) for label, t in trainers.items()}
     flops = 6 * batch * dict_size * (d_a + d_b)
     steps = 3 + args.rounds * steps_per_round
-    print(f"[{name}] d_a={d_a} d_b={d_b} features={dict_size} k={k} batch={batch}; {steps} steps each, "
-          f"best of {args.rounds} interleaved rounds of {steps_per_round}; dead at end {dead['optimised']:.0%}")
+    print(
+        f"[{name}] d_a={d_a} d_b={d_b} features={dict_size} k={k} batch={batch}; {steps} steps each, "
+        f"best of {args.rounds} interleaved rounds of {steps_per_round}; dead at end {dead['optimised']:.0%}"
+    )
     for label in trainers:
-        print(f"  {label:10s} {best[label] * 1e3:9.2f} ms/step  {1 / best[label]:8.2f} steps/s  "
-              f"{flops / best[label] / 1e9:8.1f} GFLOP/s dense-equivalent  loss {last_loss[label]:.6f}")
+        print(
+            f"  {label:10s} {best[label] * 1e3:9.2f} ms/step  {1 / best[label]:8.2f} steps/s  "
+            f"{flops / best[label] / 1e9:8.1f} GFLOP/s dense-equivalent  loss {last_loss[label]:.6f}"
+        )
     speedup = best["dense"] / best["optimised"]
     rel = abs(last_loss["optimised"] - last_loss["dense"]) / abs(last_loss["dense"])
-    print(f"  matmul peak {peak / 1e9:.1f} GFLOP/s; optimised at {flops / best['optimised'] / peak:.0%} of peak (dense-equivalent)")
+    print(
+        f"  matmul peak {peak / 1e9:.1f} GFLOP/s; optimised at {flops / best['optimised'] / peak:.0%} of peak (dense-equivalent)"
+    )
     print(f"  {name}: speedup={speedup:.2f} loss_rel_diff={rel:.1e}")
     return {"speedup": speedup, "loss_rel_diff": rel}
 
@@ -129,13 +145,25 @@ def time_pieces(args: argparse.Namespace) -> None:
     grad = torch.zeros(batch, dict_size)
     flat = select_batch_topk(pre, norm, n_keep, None)[0]
     grad.view(-1)[flat] = torch.randn(flat.numel())
-    sparse_grad = torch.sparse_coo_tensor(torch.stack([flat % dict_size, flat // dict_size]), grad.view(-1)[flat],
-                                          (dict_size, batch), check_invariants=False)
+    sparse_grad = torch.sparse_coo_tensor(
+        torch.stack([flat % dict_size, flat // dict_size]),
+        grad.view(-1)[flat],
+        (dict_size, batch),
+        check_invariants=False,
+    )
     pieces = {
-        "batch top-k: full / pre-filtered": (lambda: select_batch_topk(pre, norm, n_keep, None),
-                                             lambda: select_batch_topk(pre, norm, n_keep, threshold)),
-        "AuxK pick, 10% dead: dense / dead columns": (dense_aux, lambda: select_aux(pre, norm, dead, k_aux, False)),
-        "encoder weight grad (A): dense / sparse": (lambda: x_a.t() @ grad, lambda: torch.sparse.mm(sparse_grad, x_a)),
+        "batch top-k: full / pre-filtered": (
+            lambda: select_batch_topk(pre, norm, n_keep, None),
+            lambda: select_batch_topk(pre, norm, n_keep, threshold),
+        ),
+        "AuxK pick, 10% dead: dense / dead columns": (
+            dense_aux,
+            lambda: select_aux(pre, norm, dead, k_aux, False),
+        ),
+        "encoder weight grad (A): dense / sparse": (
+            lambda: x_a.t() @ grad,
+            lambda: torch.sparse.mm(sparse_grad, x_a),
+        ),
     }
     print(f"[pieces] main size, best of {args.rounds} (ms)")
     for name, (old, new) in pieces.items():
@@ -156,7 +184,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    where = device.type + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+    where = device.type + (
+        f" ({torch.cuda.get_device_name(device)})"
+        if device.type == "cuda"
+        else f", {torch.get_num_threads()} threads"
+    )
     print(f"device: {where}")
     names = ["paper"] if args.paper else [args.only] if args.only else ["main", "tiny"]
     for name in names:

@@ -50,13 +50,17 @@ def decode_route(request, monkeypatch):  # noqa: ANN001, ANN201
     """Both decoder routes: embedding_bag (big dictionaries) and the dense matmul (small)."""
     import xdiff_cli.sparse_step as sparse_step
 
-    monkeypatch.setattr(sparse_step, "DENSE_DECODE_MAX_RATIO", 0 if request.param == "sparse-decode" else 10**6)
+    monkeypatch.setattr(
+        sparse_step, "DENSE_DECODE_MAX_RATIO", 0 if request.param == "sparse-decode" else 10**6
+    )
     return request.param
 
 
 @pytest.mark.parametrize("n_dead", [0, 3, 40], ids=["no-dead", "fewer-dead-than-k_aux", "many-dead"])
 @pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-route", "sync-free-route"])
-def test_optimised_step_matches_dense_step_loss_and_every_gradient(n_dead: int, sync_free: bool, decode_route: str) -> None:
+def test_optimised_step_matches_dense_step_loss_and_every_gradient(
+    n_dead: int, sync_free: bool, decode_route: str
+) -> None:
     model = _model()
     dead = _dead(n_dead)
     ref, ref_grads = _loss_and_grads(model, dead, sparse=False)
@@ -83,7 +87,11 @@ def test_prefiltered_topk_equals_full_topk_and_falls_back_when_too_few_survive()
     n_keep = 4 * N
     full_flat, full_scores = select_batch_topk(pre, norm, n_keep, threshold=None)
     kept_score = float(full_scores.min())
-    for threshold in (kept_score * 1.2, kept_score * 3.0, kept_score * 100):  # pass, pass (cut ≈ edge), fall back
+    for threshold in (
+        kept_score * 1.2,
+        kept_score * 3.0,
+        kept_score * 100,
+    ):  # pass, pass (cut ≈ edge), fall back
         flat, scores = select_batch_topk(pre, norm, n_keep, threshold=threshold)
         assert torch.equal(flat, full_flat), threshold
         torch.testing.assert_close(scores, full_scores)
@@ -111,12 +119,16 @@ def test_auxk_picks_on_dead_columns_match_dense_ranking_on_both_routes() -> None
 
 def test_optimised_training_equals_dense_training_and_keeps_forbidden_weights_zero(decode_route: str) -> None:
     g = torch.Generator().manual_seed(3)
-    source = InMemorySource(torch.randn(1024, D_A, generator=g), torch.randn(1024, D_B, generator=g), shard_size=256)
+    source = InMemorySource(
+        torch.randn(1024, D_A, generator=g), torch.randn(1024, D_B, generator=g), shard_size=256
+    )
     cc = CrosscoderConfig(d_a=D_A, d_b=D_B, dict_size=FEATURES, k=4, exclusive_frac=0.1)
     losses = {}
     for sparse in (False, True):
         # A short dead window so AuxK is active for most of the run.
-        tc = TrainConfig(steps=30, batch_size=64, lr=3e-3, sparse_decode=sparse, dead_window_tokens=128, buffer_tokens=256)
+        tc = TrainConfig(
+            steps=30, batch_size=64, lr=3e-3, sparse_decode=sparse, dead_window_tokens=128, buffer_tokens=256
+        )
         trainer = Trainer(source, cc, tc, torch.device("cpu"))
         losses[sparse] = [float(trainer.train_step().loss.detach()) for _ in range(tc.steps)]
         assert bool(trainer.dead_mask().any())

@@ -35,26 +35,8 @@ import torch
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.ranking import ARTIFACT_SHARE, EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW, RANKING_HELP  # noqa: E402,F401
 
-<<<<<<< HEAD
-RANKING_HELP = (
-    "Default ranking (--sort rank): features fall in tiers — (1) candidate differences: "
-    "A- or B-exclusive features and shared features whose relative decoder norm R = |dA|/(|dA|+|dB|) "
-    "is < 0.2 or > 0.8; (2) candidates flagged as artifacts: tokenization artifacts (> 80% of their "
-    "firing mass on one word that A and B tokenise differently) and features with more than half of "
-    "their firing mass on punctuation, whitespace, special/template tokens or a document's first two "
-    "tokens; (3) other live shared features; "
-    "(4) dead features. Within a tier the score rewards breadth (effective number of distinct "
-    "word types the feature fires on, exp of the entropy of its firing mass), penalises "
-    "domination by one word type, rewards consistent examples (mean of the top examples' "
-    "activation over s_max) and a firing frequency between 1e-4 and 0.1."
-)
-
-EXCLUSIVE_R_LOW, EXCLUSIVE_R_HIGH = 0.2, 0.8
-ARTIFACT_SHARE = 0.8  # share of firing mass on one word type that makes a feature "one-word"
 JUNK_SHARE = 0.5  # share of firing mass on junk tokens/positions that makes a feature an artifact
 JUNK_POSITIONS = 2  # a document's first aligned tokens (attention sinks) count as junk
-=======
->>>>>>> main
 _TYPE_BITS = 32  # (feature, word type) pairs are packed into one int64 key
 
 

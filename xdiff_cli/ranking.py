@@ -11,9 +11,10 @@ ARTIFACT_SHARE = 0.8  # share of firing mass on one word type that makes a featu
 RANKING_HELP = (
     "Default ranking (--sort rank): features fall in tiers — (1) candidate differences: "
     f"A- or B-exclusive features and shared features whose relative decoder norm R = |dA|/(|dA|+|dB|) "
-    f"is < {EXCLUSIVE_R_LOW} or > {EXCLUSIVE_R_HIGH}; (2) candidates flagged as tokenization artifacts "
-    f"(> {ARTIFACT_SHARE:.0%} of their firing "
-    "mass on one word that A and B tokenise differently); (3) other live shared features; "
+    f"is < {EXCLUSIVE_R_LOW} or > {EXCLUSIVE_R_HIGH}; (2) candidates flagged as artifacts: tokenization "
+    f"artifacts (> {ARTIFACT_SHARE:.0%} of their firing mass on one word that A and B tokenise differently) "
+    "and features with more than half of their firing mass on punctuation, whitespace, special/template "
+    "tokens or a document's first two tokens; (3) other live shared features; "
     "(4) dead features. Within a tier the score rewards breadth (effective number of distinct "
     "word types the feature fires on, exp of the entropy of its firing mass), penalises "
     "domination by one word type, rewards consistent examples (mean of the top examples' "

@@ -63,8 +63,9 @@ class _PickedPreacts(torch.autograd.Function):
     """ReLU pre-activations at picked (token, feature) entries, differentiable w.r.t. the
     encoder, given the pre-activations already computed without autograd.
 
-    Backward: ∂L/∂W_enc[:, f] = Σ_{(n, f) picked} g · x_n (ReLU-masked), a sparse product, and
-    ∂L/∂b_enc[f] = Σ g; no dense [N, F] gradient is ever formed."""
+    Backward: ∂L/∂W_enc[:, f] = Σ_{(n, f) picked} g · x_n (ReLU-masked) and ∂L/∂b_enc[f] = Σ g:
+    a sparse × dense product, or (`dense_grad`: small dictionaries, the CUDA route) the picked
+    gradients scattered into [N, F] and one matmul; never autograd through the dense encoder."""
 
     @staticmethod
     def forward(ctx, values_K, token_K, feature_K, x_NA, x_NB, W_enc_AF, W_enc_BF, b_enc_F, dense_grad):  # noqa: ANN001
@@ -89,16 +90,23 @@ class _PickedPreacts(torch.autograd.Function):
             G_NF = G_NF.view(N, F_).to(ctx.mm_dtype)
             product = lambda x_ND: (x_ND.to(ctx.mm_dtype).t() @ G_NF).float()  # noqa: E731
         else:  # sparse [F, N] gradient of the pre-activations (transposed), times x: [F, D]
-            S_FN = torch.sparse_coo_tensor(torch.stack([feature_K, token_K]), grad_K, (F_, N), check_invariants=False)
+            S_FN = torch.sparse_coo_tensor(
+                torch.stack([feature_K, token_K]), grad_K, (F_, N), check_invariants=False
+            )
             product = lambda x_ND: torch.sparse.mm(S_FN, x_ND.float()).t()  # noqa: E731
         grads = []
-        for x_ND, dtype, needed in ((x_NA, ctx.dtypes[0], ctx.needs_input_grad[5]), (x_NB, ctx.dtypes[1], ctx.needs_input_grad[6])):
+        for x_ND, dtype, needed in (
+            (x_NA, ctx.dtypes[0], ctx.needs_input_grad[5]),
+            (x_NB, ctx.dtypes[1], ctx.needs_input_grad[6]),
+        ):
             grads.append(product(x_ND).to(dtype) if needed else None)
         grad_b = grad_K.new_zeros(F_).index_add_(0, feature_K, grad_K).to(ctx.dtypes[2])
         return None, None, None, None, None, grads[0], grads[1], grad_b, None
 
 
-def encoder_preacts(model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, sync_free: bool) -> torch.Tensor:
+def encoder_preacts(
+    model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, sync_free: bool
+) -> torch.Tensor:
     """x_a W_enc_a + x_b W_enc_b + b_enc, without autograd and before the ReLU."""
     with torch.no_grad():
         pre_NF = torch.addmm(model.b_enc_F, x_NA, model.W_enc_AF)
@@ -107,12 +115,22 @@ def encoder_preacts(model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, s
         return pre_NF.addmm_(x_NB, model.W_enc_BF)
 
 
-def picked_values(model: Crosscoder, pre_NF: torch.Tensor, picks: Picks, x_NA, x_NB, dense_grad: bool = False) -> torch.Tensor:  # noqa: ANN001
+def picked_values(
+    model: Crosscoder, pre_NF: torch.Tensor, picks: Picks, x_NA, x_NB, dense_grad: bool = False
+) -> torch.Tensor:  # noqa: ANN001
     """The ReLU'd pre-activations at `picks`, carrying the encoder's gradient."""
     F_ = pre_NF.shape[1]
     values_K = pre_NF.flatten()[picks.token_K * F_ + picks.feature_K].clamp_min(0)
     return _PickedPreacts.apply(
-        values_K, picks.token_K, picks.feature_K, x_NA, x_NB, model.W_enc_AF, model.W_enc_BF, model.b_enc_F, dense_grad
+        values_K,
+        picks.token_K,
+        picks.feature_K,
+        x_NA,
+        x_NB,
+        model.W_enc_AF,
+        model.W_enc_BF,
+        model.b_enc_F,
+        dense_grad,
     )
 
 
@@ -232,8 +250,14 @@ def sparse_forward(
     min_kept = torch.where(torch.isinf(min_kept), torch.zeros_like(min_kept), min_kept)
     fired_F = torch.zeros(F_, device=x_NA.device).index_add_(0, feature_K, (value_K.detach() > 0).float()) > 0
     out = SparseForward(
-        xhat_NA, xhat_NB, None, (value_K.detach() > 0).sum(), fired_F, min_kept,
-        any_dead=dead_F.any() if sync_free else None, dense_decode=dense,
+        xhat_NA,
+        xhat_NB,
+        None,
+        (value_K.detach() > 0).sum(),
+        fired_F,
+        min_kept,
+        any_dead=dead_F.any() if sync_free else None,
+        dense_decode=dense,
     )
     if aux is not None:
         out.aux_feature_NK = aux_feature_NK

@@ -375,7 +375,9 @@ def training_forward(
     if tc.sparse_decode and tc.aux_form == "joint":
         from xdiff_cli.sparse_step import sparse_forward
 
-        fast = sparse_forward(model, x_NA, x_NB, k, dead_F, k_aux, sync_free=x_NA.device.type == "cuda" if sync_free is None else sync_free)
+        if sync_free is None:
+            sync_free = x_NA.device.type == "cuda"
+        fast = sparse_forward(model, x_NA, x_NB, k, dead_F, k_aux, sync_free=sync_free)
         xhat_NA, xhat_NB, fired_F, n_active, min_kept = (
             fast.xhat_NA, fast.xhat_NB, fast.fired_F, fast.n_active, fast.min_kept
         )
