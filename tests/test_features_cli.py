@@ -71,12 +71,12 @@ def test_dead_features_are_listed_with_no_examples(run):
     assert dead and all(f["examples"] == [] and f["frequency"] == 0 for f in dead)
 
 
-def test_table_shows_flags_label_and_highlighted_snippet(run):
+def test_table_shows_why_label_and_highlighted_snippet(run):
     result = runner.invoke(app, ["features", "--limit", "6"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "6 of 20 features" in result.output
-    assert "tokenization artifact: '1989'" in result.output
-    assert "★" in result.output and "⚠" in result.output
+    assert "tokenization artifact: '1989'" in result.output  # the label, before the example
+    assert "artifact '1989'" in result.output and "B-only, 6 words" in result.output  # the why column
 
 
 def test_snippet_keeps_markup_like_text_literal_and_highlights_the_token():
@@ -99,11 +99,11 @@ def test_unanalysed_run_asks_the_user_to_run_analyze():
     assert "xdiff train --run not-yet" in result.output
 
 
-def test_bad_sort_and_partition_are_one_line_errors(run):
-    for args in (["--sort", "loudness"], ["--partition", "c"]):
+def test_bad_sort_and_partition_are_usage_errors(run):
+    for args, value in ((["--sort", "loudness"], "loudness"), (["--partition", "c"], "'c'")):
         result = runner.invoke(app, ["features", *args])
-        assert result.exit_code == 1
-        assert result.output.startswith("error:") and result.output.strip().count("\n") == 0
+        assert result.exit_code == 2
+        assert value in result.output
 
 
 def test_features_help_explains_the_ranking():

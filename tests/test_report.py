@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from analysis_fixtures import make_analysed_run
 from typer.testing import CliRunner
 
@@ -13,16 +15,23 @@ from xdiff_cli.runs import resolve_run
 runner = CliRunner()
 
 
-def test_html_report_is_self_contained_with_histogram_and_highlighted_examples():
-    run = make_analysed_run()
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """`xdiff report` writes to the current directory: make that a temporary one."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_html_report_is_self_contained_with_histogram_and_highlighted_examples(in_tmp_dir):
+    make_analysed_run()
     result = runner.invoke(app, ["report"])
     assert result.exit_code == 0, result.output
-    page = (run.dir / "report.html").read_text()
+    page = (in_tmp_dir / "xdiff-report-fake-run.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
     assert "<script" not in page and not re.search(r"(src|href)=", page)  # nothing external
     assert page.count("<svg") == 1 and page.count("<rect") > 3
     assert "org/model-a" in page and "org/model-b" in page
-    assert "fve_a" in page and "0.81" in page and "eval_fve_a" in page
+    assert "variance explained in model A" in page and "fve_a" not in page
     # B's top feature is the planted animal feature; its examples outline an animal token.
     b_section = page.split("specific to model B")[1]
     assert "feature 1 · B-exclusive" in b_section
@@ -33,12 +42,12 @@ def test_html_report_is_self_contained_with_histogram_and_highlighted_examples()
     assert a_section.index("feature 5") < a_section.index("tokenization artifact")
 
 
-def test_report_escapes_text_from_models_and_corpora():
+def test_report_escapes_text_from_models_and_corpora(in_tmp_dir):
     evil = "<script>alert(1)</script>"
     make_analysed_run(models={"a": {"spec": evil}, "b": {"spec": "org/b"}})
     result = runner.invoke(app, ["report"])
     assert result.exit_code == 0, result.output
-    page = (resolve_run(None).dir / "report.html").read_text()
+    page = (in_tmp_dir / f"xdiff-report-{resolve_run(None).id}.html").read_text()
     assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 

@@ -91,10 +91,11 @@ def test_features_json_keeps_the_exact_text_correctly_escaped(poisoned_run):
 
 
 @pytest.mark.parametrize("fmt", ["md", "html"])
-def test_report_shows_escapes_visibly(poisoned_run, fmt):
-    result = runner.invoke(app, ["report", "--format", fmt])
+def test_report_shows_escapes_visibly(poisoned_run, fmt, tmp_path):
+    out = tmp_path / f"report.{fmt}"
+    result = runner.invoke(app, ["report", "--format", fmt, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    text = (poisoned_run.dir / f"report.{fmt}").read_text(encoding="utf-8")
+    text = out.read_text(encoding="utf-8")
     assert_inert(text)
     assert "52;c;ZWNobyBldmls␇" in text and "␛" in text
 

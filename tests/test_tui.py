@@ -6,7 +6,7 @@ import io
 
 import pytest
 from rich.style import Style
-from textual.widgets import DataTable, Input, Static, Tabs
+from textual.widgets import DataTable, Input, Static, Tab, Tabs
 from tui_fixtures import ARTIFACT_FEATURE, CONCEPTS, N_EXCLUSIVE, make_analysed_run, make_run
 
 from xdiff_cli.tui.app import XdiffApp
@@ -41,7 +41,8 @@ async def test_single_run_opens_on_the_a_exclusive_features_in_rank_order():
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert isinstance(app.screen, FeaturesScreen)
-        assert app.screen.sub_title == "demo-run"
+        # the run and both model names are on screen from the start
+        assert app.screen.sub_title == "demo-run · A org/model-a vs B org/model-b"
         ids = listed_ids(app)
         assert sorted(ids) == list(range(N_EXCLUSIVE))
         ranks = [app.screen.index.feature(i).rank for i in ids]
@@ -96,16 +97,16 @@ async def test_sort_key_cycles_and_header_click_sorts_by_that_column():
 
 async def test_incremental_search_narrows_the_list_as_you_type():
     make_analysed_run()
-    app = XdiffApp()
+    app = XdiffApp(search_debounce=0)  # no timer to wait for: every keystroke queries
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await pilot.press("4", "slash")
         assert app.screen.query_one("#search", Input).has_focus
         await pilot.press(*"glacier")
-        await pilot.pause(0.5)  # past the debounce
+        await pilot.pause()
         assert listed_ids(app) == [CONCEPTS.index("glacier")]
         await pilot.press(*"xyz")
-        await pilot.pause(0.5)
+        await pilot.pause()
         assert listed_ids(app) == []
         assert "No feature matches" in static_text(app.screen, "#detail-stats")
 
@@ -295,7 +296,7 @@ async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_p
     async with app.run_test(size=SIZE) as pilot:
         screen = await _open_steer_screen(pilot, app, 2)  # A-exclusive: steers model A
         original_append = screen._append
-        screen._append = lambda stream, piece: (streamed.append((stream, piece)), original_append(stream, piece))
+        screen._append = lambda side, stream, piece: (streamed.append((stream, piece)), original_append(side, stream, piece))
         await pilot.press(*"the cat", "tab", *["down"] * 8)  # in the scale box: α +4 -> -4
         assert screen.scale_input.value == "-4"
         await pilot.press("enter")
@@ -303,10 +304,11 @@ async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_p
         result = screen.last_result
         assert result is not None and not result.stopped and result.model == "a"
         assert result.features == [(2, -4.0)]
-        baseline = screen.query_one("#pane-baseline", StreamPane)
-        steered = screen.query_one("#pane-steered", StreamPane)
+        baseline = screen.query_one("#pane-a-baseline", StreamPane)
+        steered = screen.query_one("#pane-a-steered", StreamPane)
         assert baseline.text == result.baseline and steered.text == result.steered
-        assert steered.border_title == "steered (feature 2 × -4)"
+        assert steered.border_title == "model A steered (feature 2 × -4)"
+        assert not screen.query_one("#steer-panes-b").display  # A-exclusive: one model only
         assert {s for s, _ in streamed} == {"baseline", "steered"}
         assert "".join(p for s, p in streamed if s == "baseline") == result.baseline
         assert result.kl is not None and "KL" in static_text(screen, "#steer-status")
@@ -324,8 +326,8 @@ async def test_escape_stops_generation_then_leaves_the_chat(tiny_models, tmp_pat
         screen = await _open_steer_screen(pilot, app, 3)
         original_append = screen._append
 
-        def append_then_escape(stream: str, piece: str) -> None:
-            original_append(stream, piece)
+        def append_then_escape(side: str, stream: str, piece: str) -> None:
+            original_append(side, stream, piece)
             if not screen.cancel_event.is_set():
                 screen.action_cancel_or_back()  # what Esc does, right after the first piece
 
@@ -333,7 +335,7 @@ async def test_escape_stops_generation_then_leaves_the_chat(tiny_models, tmp_pat
         await pilot.press(*"the cat", "enter")
         await _wait_until_done(pilot, screen)
         assert screen.last_result.stopped
-        assert screen.query_one("#pane-steered", StreamPane).text == ""  # never started
+        assert screen.query_one("#pane-a-steered", StreamPane).text == ""  # never started
         assert "stopped" in static_text(screen, "#steer-status")
         await pilot.press("escape")  # not generating: Esc goes back to the features
         await pilot.pause()
@@ -347,13 +349,233 @@ async def test_plus_minus_keys_change_the_scale_and_the_steered_title():
     app = XdiffApp()
     async with app.run_test(size=SIZE) as pilot:
         screen = await _open_steer_screen(pilot, app, 3)
-        screen.query_one("#pane-steered", StreamPane).focus()
+        screen.query_one("#pane-a-steered", StreamPane).focus()
         await pilot.press("plus")
         assert screen.scale_input.value == "+5"
         await pilot.press("minus", "minus", "minus")
         await pilot.pause()
         assert screen.scale_input.value == "+2"
-        assert screen.query_one("#pane-steered", StreamPane).border_title == "steered (feature 3 × +2)"
+        assert screen.query_one("#pane-a-steered", StreamPane).border_title == "model A steered (feature 3 × +2)"
         await pilot.press("ctrl+r")  # no prompt yet: says so instead of generating
         assert not screen.generating
         assert "Type a prompt first" in static_text(screen, "#steer-status")
+
+
+# --- issue #17: what the browse and steer screens show at a glance ------------------------------
+
+
+async def test_tabs_count_live_features_over_all_features():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        labels = {tab.id: str(tab.label) for tab in app.screen.query(Tab)}
+        # one shared feature (DEAD_FEATURE) never fires
+        assert labels["tab-a"] == f"A-exclusive {N_EXCLUSIVE}/{N_EXCLUSIVE}"
+        assert labels["tab-shared"] == f"Shared {len(CONCEPTS) - 2 * N_EXCLUSIVE - 1}/{len(CONCEPTS) - 2 * N_EXCLUSIVE}"
+        assert labels["tab-all"] == f"All {len(CONCEPTS) - 1}/{len(CONCEPTS)}"
+
+
+async def test_escape_clears_the_search_and_shows_every_feature_again():
+    make_analysed_run()
+    app = XdiffApp(search_debounce=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("4", "slash", *"glacier", "enter")
+        await pilot.pause()
+        assert listed_ids(app) == [CONCEPTS.index("glacier")]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen.query_one("#search", Input).value == "" and app.screen.search == ""
+        assert len(listed_ids(app)) == len(CONCEPTS)
+        assert isinstance(app.screen, FeaturesScreen)
+
+
+async def test_home_and_end_jump_to_the_first_and_last_feature():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("4", "end")
+        await pilot.pause()
+        ids = listed_ids(app)
+        assert app.screen.query_one(FeatureDetail).feature.id == ids[-1]
+        await pilot.press("home")
+        await pilot.pause()
+        assert app.screen.query_one(FeatureDetail).feature.id == ids[0]
+
+
+async def test_changing_the_sort_starts_at_the_top_of_the_new_order():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("4", *["down"] * 7, "o")  # rank -> id
+        await pilot.pause()
+        table = app.screen.query_one(FeatureTable)
+        assert table.cursor_row == 0 and table.selected_feature_id == 0
+
+
+async def test_help_says_how_to_close_it():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert "esc, ? or q closes this help" in static_text(app.screen, "#help-text")
+
+
+def test_histogram_uses_log_density_so_rare_bins_stay_visible():
+    from xdiff_cli.tui.widgets.feature_detail import HIST_ROWS, histogram_text
+
+    feature = make_feature_stub(histogram={"edges": [0.5, 1.0, 2.0, 4.0], "counts": [1000, 0, 1]})
+    lines = histogram_text(feature).plain.splitlines()
+    assert len(lines) == 1 + HIST_ROWS + 1  # title, bars, axis
+    bottom = lines[HIST_ROWS]
+    per_bin = len(bottom.rstrip()) // 3 if bottom.rstrip() else 1
+    assert bottom[0] == "█" and bottom[2 * per_bin] != " "  # a single firing still shows
+    assert bottom[per_bin] == " "  # an empty bin stays empty
+    assert "1,000" in lines[1] and "0.50" in lines[-1] and "4.00" in lines[-1]
+
+
+def make_feature_stub(**changes):  # noqa: ANN003, ANN201
+    from xdiff_cli.feature_index import Feature
+
+    values = dict(id=0, partition="a", frequency=0.1, n_fires=10, mean_activation=1.0, max_activation=2.0,
+                  dec_norm_a=1.0, dec_norm_b=0.0, rel_norm=1.0, dec_cos=None, n_distinct_tokens=3, top_token="cat",
+                  top_token_share=0.5, token_artifact=False, candidate=True, score=1.0, rank=1,
+                  histogram={"edges": [], "counts": []})
+    values.update(changes)
+    return Feature(**values)
+
+
+def test_token_effects_are_the_decoder_direction_through_the_unembedding(tiny_models, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    from xdiff_cli.token_effects import effects_for_run
+
+    run = _steerable_run(tiny_models, tmp_path)
+    effects = effects_for_run(run, 20, "shared", k=5)  # shared: read by both models
+    assert set(effects) == {"a", "b"}
+    for side, model in (("a", tiny_models["llama"]), ("b", tiny_models["qwen3"])):
+        with safe_open(str(run.crosscoder_dir / "final" / "model.safetensors"), "pt") as f:
+            d = f.get_tensor("W_dec_FA" if side == "a" else "W_dec_FB")[20].float()
+        with safe_open(str(model / "model.safetensors"), "pt") as f:
+            logits = f.get_tensor("lm_head.weight").float() @ (d * f.get_tensor("model.norm.weight").float())
+        tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+        expected_top = [tok.decode([int(i)]) for i in torch.topk(logits, 5).indices]
+        expected_bottom = [tok.decode([int(i)]) for i in torch.topk(-logits, 5).indices]
+        assert [t for t, _ in effects[side].promoted] == expected_top
+        assert [t for t, _ in effects[side].suppressed] == expected_bottom
+        values = [v for _, v in effects[side].promoted]
+        assert values == sorted(values, reverse=True) and values[0] > 0
+    only_a = effects_for_run(run, 2, "a", k=3)
+    assert set(only_a) == {"a"}
+
+
+async def test_detail_pane_shows_promoted_tokens_computed_in_a_worker(tiny_models, tmp_path):
+    import time
+
+    run = _steerable_run(tiny_models, tmp_path)
+    app = XdiffApp(run_id=run.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.screen.select_feature(20)
+        detail = app.screen.query_one(FeatureDetail)
+        deadline = time.monotonic() + 30
+        while detail.effects is None and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        assert detail.effects is not None and set(detail.effects) == {"a", "b"}
+        text = static_text(app.screen, "#detail-effects")
+        assert "model A: +" in text and "model B: +" in text
+
+
+async def test_fixture_run_without_models_says_why_no_tokens_are_shown():
+    import time
+
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        detail = app.screen.query_one(FeatureDetail)
+        deadline = time.monotonic() + 10
+        while detail.effects is None and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        assert "not downloaded" in static_text(app.screen, "#detail-effects")
+
+
+async def test_up_arrow_changes_alpha_from_the_prompt_and_the_default_is_shown():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 3)
+        assert screen.query_one("#prompt", Input).has_focus
+        assert "default +4" in static_text(screen, "#steer-status")
+        await pilot.press("up", "up")
+        assert screen.scale_input.value == "+6"
+        assert screen.query_one("#prompt", Input).value == ""  # nothing typed into the prompt
+
+
+async def test_alpha_change_after_an_answer_keeps_the_title_of_the_text_shown():
+    from xdiff_cli.tui.widgets.stream_pane import StreamPane
+
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 3)
+        pane = screen.query_one("#pane-a-steered", StreamPane)
+        screen.shown_scale = 4.0  # an answer made with α +4 is on screen
+        await pilot.press("up")
+        await pilot.pause()
+        assert pane.border_title == "model A steered (feature 3 × +4)"
+        assert "α is now +5" in static_text(screen, "#steer-status") and "used +4" in static_text(screen, "#steer-status")
+
+
+async def test_shared_feature_steers_both_models_by_default_and_ctrl_o_picks_one():
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 20)  # shared
+        assert screen.sides == ("a", "b")
+        assert screen.query_one("#steer-panes-a").display and screen.query_one("#steer-panes-b").display
+        await pilot.press("ctrl+o")  # works from the prompt, where a letter would be typed
+        assert screen.sides == ("a",) and not screen.query_one("#steer-panes-b").display
+        await pilot.press("ctrl+o")
+        assert screen.sides == ("b",) and not screen.query_one("#steer-panes-a").display
+        assert "steering model B" in static_text(screen, "#steer-heading")
+
+
+async def test_shared_feature_chat_generates_in_both_models_like_the_cli(tiny_models, tmp_path):
+    from xdiff_cli.steering import Steerer
+    from xdiff_cli.tui.widgets.stream_pane import StreamPane
+
+    run = _steerable_run(tiny_models, tmp_path)
+    app = XdiffApp(run_id=run.id)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_steer_screen(pilot, app, 20)
+        await pilot.press(*"the cat", "enter")
+        await _wait_until_done(pilot, screen, timeout_s=120)
+        assert [r.model for r in screen.results] == ["a", "b"]
+        for result in screen.results:
+            assert screen.query_one(f"#pane-{result.model}-steered", StreamPane).text == result.steered
+    # `xdiff steer` steers both models of a shared feature too
+    assert Steerer(run).sides_for([(20, 4.0)]) == ["a", "b"]
+
+
+async def test_x_asks_for_weaker_firings_and_says_why_a_run_without_a_store_has_none():
+    import time
+
+    make_analysed_run()
+    app = XdiffApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "x: sample examples" in static_text(app.screen, "#detail-quantiles")
+        await pilot.press("x")
+        detail = app.screen.query_one(FeatureDetail)
+        deadline = time.monotonic() + 20
+        while (detail.quantiles is None or "sampling" in str(detail.quantiles)) and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        assert "no activation store" in static_text(app.screen, "#detail-quantiles")

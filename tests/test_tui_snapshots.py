@@ -1,4 +1,4 @@
-"""SVG snapshots of `xdiff browse`'s main states at 80×24 and 120×36.
+"""SVG snapshots of `xdiff browse`'s main states at 80×24 and 160×48.
 
 Regenerate with `pytest tests/test_tui_snapshots.py --snapshot-update` and look at the
 SVGs in tests/__snapshots__/test_tui_snapshots/ before committing them. The fixture run
@@ -14,16 +14,16 @@ from xdiff_cli.runs import StageStatus
 from xdiff_cli.tui.app import XdiffApp
 
 SMALL = (80, 24)
-LARGE = (120, 36)
+LARGE = (160, 48)
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x36"])
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "160x48"])
 def test_feature_list(snap_compare, size):
     make_analysed_run()
     assert snap_compare(XdiffApp(), terminal_size=size)
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x36"])
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "160x48"])
 def test_token_artifact_feature_detail(snap_compare, size):
     make_analysed_run()
 
@@ -67,7 +67,7 @@ def test_help_screen(snap_compare):
     assert snap_compare(XdiffApp(), terminal_size=LARGE, press=["question_mark"])
 
 
-@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x36"])
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "160x48"])
 def test_steer_screen_before_generating(snap_compare, size):
     make_analysed_run()
     assert snap_compare(XdiffApp(), terminal_size=size, press=["s", *"Tell me about the sea", "tab", "down"])

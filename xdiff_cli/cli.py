@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "browse",
     "steer",
     "analyze",
+    "label",
     "models",
     "harvest",
     "train",
@@ -66,6 +67,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Plain click help: typer's rich help imports rich.markdown and pygments (~0.5 s), and `xdiff
+    # --help` must be instant. Plain help also reflows paragraphs and shows no <bool> on flags.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -91,10 +95,21 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"xdiff_cli.commands.{_name}").register(app)
 
 
+def _take_debug_flag(argv: list[str]) -> list[str]:
+    """`--debug` works anywhere on the line (`xdiff features --debug` too), not only first.
+
+    Arguments after a bare `--` are left alone (they could be a prompt)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" in argv[:cut]:
+        _State.debug = True
+        return [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    return argv
+
+
 def main() -> None:
     # The group handles user errors; this catches the ones raised while parsing.
     try:
-        app()
+        app(args=_take_debug_flag(sys.argv[1:]), prog_name="xdiff")
     except XdiffError as exc:
         if _State.debug:
             raise

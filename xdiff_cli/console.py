@@ -37,16 +37,58 @@ class RateColumn(TextColumn):
         return Text(f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
 
 
-def stage_progress(unit: str = "it", *, transient: bool = False, show_fields: str = "") -> Progress:
+class StageProgress(Progress):
+    """A Progress whose decoration goes first when the terminal is narrow.
+
+    Columns marked optional (spinner, bar, percentage, elapsed time) are dropped, widest
+    first, until the rest fits, so the step count and the ETA are never cut."""
+
+    def __init__(self, *columns, optional: list[int], **kwargs) -> None:  # noqa: ANN002, ANN003
+        self.all_columns = list(columns)
+        self.optional = optional  # indices into all_columns, in the order they are dropped
+        super().__init__(*columns, **kwargs)
+
+    def columns_for_width(self, width: int) -> list:
+        from rich.measure import Measurement
+
+        options = self.console.options.update(width=10_000)
+
+        def needed(columns: list) -> int:
+            widest = 0
+            for task in self.tasks:
+                cells = [c(task) if callable(c) else c for c in columns]
+                widest = max(widest, sum(Measurement.get(self.console, options, cell).maximum for cell in cells)
+                             + len(cells) - 1)
+            return widest
+
+        keep = list(range(len(self.all_columns)))
+        for drop in [None, *self.optional]:
+            if drop is not None:
+                keep.remove(drop)
+            columns = [self.all_columns[i] for i in keep]
+            if needed(columns) <= width:
+                break
+        return columns
+
+    def make_tasks_table(self, tasks):  # noqa: ANN001, ANN201 - rich's signature
+        if hasattr(self, "live"):  # rich renders once inside __init__, before `live` exists
+            self.columns = tuple(self.columns_for_width(self.console.width))
+        return super().make_tasks_table(tasks)
+
+
+def stage_progress(
+    unit: str = "it", *, transient: bool = False, show_fields: str = "", console: Console | None = None
+) -> Progress:
     """A progress bar with count, rate, elapsed time and ETA.
 
     `show_fields` is a rich format string over task fields, e.g.
-    "loss {task.fields[loss]:.3f}", shown after the bar.
+    "loss {task.fields[loss]:.3f}", shown after the bar. On a narrow terminal the bar,
+    spinner, percentage and elapsed time give way before the numbers do.
     """
     columns = [
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=30),
         MofNCompleteColumn(),
         TaskProgressColumn(),
         RateColumn(unit),
@@ -56,7 +98,9 @@ def stage_progress(unit: str = "it", *, transient: bool = False, show_fields: st
     ]
     if show_fields:
         columns.append(TextColumn(show_fields))
-    return Progress(*columns, console=err_console, transient=transient)
+    # Dropped in this order: the bar, the elapsed time, the percentage, the spinner.
+    return StageProgress(*columns, optional=[2, 6, 4, 0], console=console or err_console,
+                         transient=transient)
 
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"

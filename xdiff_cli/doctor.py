@@ -1,9 +1,16 @@
-"""Environment checks behind `xdiff doctor`: can this machine run xdiff, and how big?"""
+"""Environment checks behind `xdiff doctor`: can this machine run xdiff, and how big?
+
+`iter_checks()` yields each check as soon as it is done, so the command can print them as
+they come: the cheap ones first, the hub probe (a short timeout, never a hang) and the 4-bit
+check (which imports bitsandbytes, seconds on some machines) last.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from xdiff_cli import paths
@@ -90,10 +97,53 @@ def disk_check() -> Check:
     return Check("data dir", True, f"{root} ({free / 2**30:.1f} GiB free)")
 
 
+HUB_TIMEOUT_S = 3.0
+DEFAULT_HUB = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HUB).rstrip("/")
+
+
+def hub_check(timeout: float = HUB_TIMEOUT_S) -> Check:
+    """Can this machine reach the model hub? Any HTTP answer counts; no answer within
+    `timeout` seconds is a failure (not required: local and tiny models need no hub)."""
+    import urllib.error
+    import urllib.request
+
+    from xdiff_cli.hub import hub_offline
+
+    endpoint = hub_endpoint()
+    if hub_offline():
+        return Check("hub", True, f"offline mode (HF_HUB_OFFLINE): only models already in the cache", False)
+    request = urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered: reachable
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return Check(
+            "hub", False,
+            f"{endpoint} unreachable ({reason}): hub models cannot be pulled; tiny and local models work",
+            False,
+        )
+    return Check("hub", True, f"{endpoint} reachable", False)
+
+
+def iter_checks() -> Iterator[Check]:
+    """Every check, yielded as soon as it is done (cheap ones first)."""
+    packages = _package_checks()
+    yield from packages
+    yield token_check()
+    yield disk_check()
+    if all(c.ok for c in packages):
+        yield from _cuda_checks()
+    yield hub_check()
+    if all(c.ok for c in packages):
+        yield quantization_check()
+
+
 def run_doctor() -> DoctorReport:
-    report = DoctorReport(_package_checks())
-    if all(c.ok for c in report.checks):
-        report.checks += _cuda_checks()
-        report.checks.append(quantization_check())
-    report.checks += [token_check(), disk_check()]
-    return report
+    return DoctorReport(list(iter_checks()))

@@ -109,6 +109,7 @@ class Feature:
     rank: int
     histogram: dict[str, list[float]]
     label: str | None = None
+    label_score: float | None = None  # detection AUC of an `xdiff label` label (label.py)
     examples: list[Example] = field(default_factory=list)
 
     @property
@@ -129,6 +130,7 @@ class Feature:
         out["token_artifact"] = bool(self.token_artifact)
         out["candidate"] = bool(self.candidate)
         out["histogram"] = self.histogram
+        out["label_score"] = self.label_score
         out["examples"] = [e.to_json() for e in examples]
         return out
 
@@ -138,6 +140,10 @@ def _feature_from_row(row: sqlite3.Row) -> Feature:
     data["histogram"] = json.loads(data["histogram"])
     data["token_artifact"] = bool(data["token_artifact"])
     data["candidate"] = bool(data["candidate"])
+    # An `xdiff label` label, when there is one, takes the place of analysis' own note.
+    auto_label = data.pop("auto_label", None)
+    if auto_label:
+        data["label"] = auto_label
     return Feature(**data)
 
 
@@ -146,6 +152,43 @@ def _example_from_row(row: sqlite3.Row) -> Example:
         text=row["text"], start=row["start"], end=row["end"], activation=row["activation"],
         token_acts=[tuple(t) for t in json.loads(row["token_acts"])], view=row["view"], doc_id=row["doc_id"],
     )
+
+
+# A search term matches an example when it occurs within this many characters of the
+# firing token (the token itself and a word or two either side), not anywhere in the window.
+SEARCH_NEIGHBOURHOOD_CHARS = 16
+
+
+def _filters(
+    partition: str | None, search: str | None, candidates_only: bool, alive_only: bool, labels: bool = False
+) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their parameters) shared by `features()` and `count_matching()`."""
+    where: list[str] = []
+    params: list[Any] = []
+    if partition not in (None, "all"):
+        if partition not in ("a", "b", "shared"):
+            raise XdiffError(f"unknown partition {partition!r}", "use a, b, shared or all")
+        where.append("partition = ?")
+        params.append(partition)
+    if candidates_only:
+        where.append("candidate = 1")
+    if alive_only:
+        where.append("n_fires > 0")
+    if search:
+        near = SEARCH_NEIGHBOURHOOD_CHARS
+        matches = (
+            "id IN (SELECT feature_id FROM examples WHERE "
+            f"substr(text, max(1, start + 1 - {near}), \"end\" - max(0, start - {near}) + {near}) "
+            "LIKE ? ESCAPE '\\')"
+        )
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        params.append(f"%{escaped}%")
+        if labels:  # `xdiff label` labels and descriptions match too
+            matches += (" OR id IN (SELECT feature_id FROM labels WHERE label LIKE ? ESCAPE '\\'"
+                        " OR description LIKE ? ESCAPE '\\')")
+            params += [f"%{escaped}%", f"%{escaped}%"]
+        where.append(f"({matches})")
+    return where, params
 
 
 class _GuardedConnection:
@@ -196,6 +239,10 @@ class FeatureIndex:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
+        # `xdiff label` adds a labels table (label.py) to an analysed run; older runs have none.
+        self._labels = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'"
+        ).fetchone() is not None
 
     @classmethod
     def open(cls, path: Path | str) -> FeatureIndex:
@@ -240,21 +287,8 @@ class FeatureIndex:
         """Feature summaries (without examples), in `sort` order."""
         if sort not in SORT_KEYS:
             raise XdiffError(f"unknown sort key {sort!r}", f"use one of {', '.join(SORT_KEYS)}")
-        where, params = [], []
-        if partition not in (None, "all"):
-            if partition not in ("a", "b", "shared"):
-                raise XdiffError(f"unknown partition {partition!r}", "use a, b, shared or all")
-            where.append("partition = ?")
-            params.append(partition)
-        if candidates_only:
-            where.append("candidate = 1")
-        if alive_only:
-            where.append("n_fires > 0")
-        if search:
-            where.append("id IN (SELECT feature_id FROM examples WHERE text LIKE ? ESCAPE '\\')")
-            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            params.append(f"%{escaped}%")
-        sql = f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features"
+        where, params = _filters(partition, search, candidates_only, alive_only, labels=self._labels)
+        sql = f"SELECT {self._select()} FROM features"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {SORT_KEYS[sort]}, id ASC"
@@ -262,6 +296,30 @@ class FeatureIndex:
             sql += " LIMIT ?"
             params.append(int(limit))
         return [_feature_from_row(r) for r in self._db.execute(sql, params)]
+
+    def _select(self) -> str:
+        """Feature columns, plus the label and its score from the labels table when present."""
+        columns = ", ".join(FEATURE_COLUMNS)
+        if not self._labels:
+            return columns
+        return (f"{columns}, (SELECT label FROM labels WHERE labels.feature_id = features.id) AS auto_label, "
+                "(SELECT auc FROM labels WHERE labels.feature_id = features.id AND labels.label IS NOT NULL) AS label_score")
+
+    def count_matching(
+        self, partition: str | None = None, search: str | None = None, alive_only: bool = False
+    ) -> int:
+        """How many features `features()` would list without a limit (the display limit is separate)."""
+        where, params = _filters(partition, search, False, alive_only, labels=self._labels)
+        sql = "SELECT COUNT(*) FROM features" + (" WHERE " + " AND ".join(where) if where else "")
+        return self._db.execute(sql, params).fetchone()[0]
+
+    def block_counts(self) -> dict[str, dict[str, int]]:
+        """Per block ('a', 'b', 'shared'): {"total": n, "live": features that fire at least once}."""
+        counts = {p: {"total": 0, "live": 0} for p in ("a", "b", "shared")}
+        sql = "SELECT partition, COUNT(*), SUM(n_fires > 0) FROM features GROUP BY partition"
+        for partition, total, live in self._db.execute(sql):
+            counts[partition] = {"total": int(total), "live": int(live or 0)}
+        return counts
 
     def examples(self, feature_id: int, view: str | None = None, limit: int | None = None) -> list[Example]:
         sql = f"SELECT {_EXAMPLE_SELECT} FROM examples WHERE feature_id = ?"
@@ -278,7 +336,7 @@ class FeatureIndex:
     def feature(self, feature_id: int) -> Feature:
         """One feature with its examples; out-of-range ids are a user error."""
         row = self._db.execute(
-            f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features WHERE id = ?", (int(feature_id),)
+            f"SELECT {self._select()} FROM features WHERE id = ?", (int(feature_id),)
         ).fetchone()
         if row is None:
             raise XdiffError(

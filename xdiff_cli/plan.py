@@ -171,8 +171,9 @@ def _short(spec: str) -> str:
     return spec.rstrip("/").split("/")[-1] or spec
 
 
-def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None) -> Plan:
-    """Everything known before downloading weights; raises when the models cannot fit."""
+def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None, check: bool = True) -> Plan:
+    """Everything known before downloading weights; raises when the models cannot fit
+    (with `check=False`, for --dry-run, that becomes one of the plan's warnings)."""
     hardware = hardware or detect_hardware()
     settings = resolved.settings
     facts_a, facts_b = model_facts(settings.model_a), model_facts(settings.model_b)
@@ -182,7 +183,12 @@ def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None) -> P
         precision = settings.quant if settings.quant != "auto" else "decided after download"
         notes.append("model configs not reachable yet: precision and estimates are settled after the pull")
     else:
-        memory.check()
+        try:
+            memory.check()
+        except XdiffError as exc:
+            if check:
+                raise
+            warnings.append(str(exc))
         precision = ", ".join(dict.fromkeys(m.label for m in memory.models)) + f" ({memory.dtype})"
         notes += memory.notes
         default = default_dict_size(facts_a.d_model, facts_b.d_model) if facts_a.d_model and facts_b.d_model else None

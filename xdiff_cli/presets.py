@@ -122,3 +122,18 @@ def match_preset(model_a: str, model_b: str, directory: Path | None = None) -> P
 def apply_preset(settings: RunSettings, preset: Preset) -> RunSettings:
     """`settings` with the preset's values laid over them (models untouched)."""
     return dataclasses.replace(settings, **preset.settings)
+
+
+def shipped_config_dir(spec: str) -> Path | None:
+    """`presets/configs/org--name/`: the config facts shipped for a preset's model, so planning
+    a preset pair works offline (see presets/configs/README.md). None for other models."""
+    repo = _model_key(spec)
+    if repo.count("/") != 1:
+        return None
+    configs = presets_dir() / "configs"
+    if not configs.is_dir():
+        return None
+    for folder in configs.iterdir():
+        if folder.name.lower() == repo.replace("/", "--") and (folder / "config.json").is_file():
+            return folder
+    return None

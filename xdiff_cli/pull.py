@@ -113,7 +113,12 @@ def model_facts(spec: str) -> ModelFacts:
         from xdiff_cli.hub import fetch_metadata
 
         return config_facts(spec, fetch_metadata(spec))
-    except (XdiffError, OSError, ValueError):
+    except XdiffError:
+        from xdiff_cli.presets import shipped_config_dir
+
+        shipped = shipped_config_dir(spec)  # offline: the facts shipped for preset models
+        return config_facts(spec, shipped) if shipped else ModelFacts(spec)  # else pull reports the problem
+    except (OSError, ValueError):
         return ModelFacts(spec)  # unknown until pulled; pull reports the real problem
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xdiff_cli.feature_columns import format_frequency, why
 from xdiff_cli.feature_index import Example, Feature, FeatureIndex
 
 SETTINGS_SHOWN = (
@@ -37,6 +38,8 @@ class ReportData:
     summary: dict[str, Any]
     rel_norm_hist: dict[str, list[int]]  # partition -> counts over N_HIST_BINS bins of [0, 1]
     top: dict[str, list[Feature]]  # "a"/"b" -> features (with examples) most worth a look
+    blocks: dict[str, dict[str, int]] | None = None  # FeatureIndex.block_counts(): live/total per block
+    n_candidates: dict[str, int] | None = None  # "a"/"b" -> live candidate differences on that side
 
 
 def side_of(feature: Feature) -> str | None:
@@ -56,9 +59,12 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
         meta = index.meta
         hist = {p: [0] * N_HIST_BINS for p in ("a", "b", "shared")}
         best: dict[str, list[Feature]] = {"a": [], "b": []}
+        n_candidates = {"a": 0, "b": 0}
         for feature in index.features(alive_only=True):  # rank order
             hist[feature.partition][min(N_HIST_BINS - 1, int(feature.rel_norm * N_HIST_BINS))] += 1
             side = side_of(feature) if feature.candidate else None
+            if side and not feature.token_artifact:
+                n_candidates[side] += 1
             if side and len(best[side]) < top:
                 feature.examples = index.examples(feature.id, view=side, limit=EXAMPLES_PER_FEATURE)
                 best[side].append(feature)
@@ -71,19 +77,32 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
             summary=meta.get("summary", {}),
             rel_norm_hist=hist,
             top=best,
+            blocks=index.block_counts(),
+            n_candidates=n_candidates,
         )
     finally:
         index.close()
 
 
+def default_report_path(run, fmt: str) -> Path:  # noqa: ANN001 - runs.Run
+    """A report is a document to share: it goes to the current directory, named after the run."""
+    return Path.cwd() / f"xdiff-report-{run.id}.{fmt}"
+
+
 def write_report(run, out: Path | None = None, fmt: str = "html", top: int = 10) -> Path:  # noqa: ANN001
+    import os
+
     from xdiff_cli.atomic import write_text
     from xdiff_cli.safe_text import inert
 
     data = gather(run, top=top)
-    path = Path(out) if out else run.dir / f"report.{fmt}"
+    path = Path(out) if out else default_report_path(run, fmt)
     # The templates hold no control characters: any in the document came from the corpus/models.
     write_text(path, inert(render_html(data) if fmt == "html" else render_markdown(data)))
+    # The atomic temporary file is private (0600); a report is readable like any document.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return path
 
 
@@ -113,22 +132,86 @@ def _model_rows(models: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+# (metric key, what a reader sees, format): the first key present wins for each line, so the
+# held-out ("eval_") value replaces the training one and nothing is listed twice.
+METRIC_LINES = (
+    (("eval_fve_a", "fve_a"), "variance explained in model A (held-out)", "pct"),
+    (("eval_fve_b", "fve_b"), "variance explained in model B (held-out)", "pct"),
+    (("eval_l0", "mean_l0", "l0"), "active features per token (L0)", "num"),
+    (("eval_dead_fraction", "dead_fraction"), "dead features (never fire)", "pct"),
+    (("n_tokens",), "held-out token pairs analysed", "int"),
+    (("harvested_tokens",), "token pairs harvested", "int"),
+    (("aligned_fraction",), "tokens aligned between the two tokenizers", "pct"),
+    (("n_candidates",), "candidate differences", "int"),
+    (("n_token_artifacts",), "tokenization artifacts", "int"),
+)
+
+
+def _format_metric(value: Any, kind: str) -> str:
+    if not isinstance(value, (int, float)):
+        return _fmt(value)
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "int":
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
 def _metric_rows(data: ReportData) -> list[tuple[str, str]]:
-    rows = [(k, _fmt(v)) for k, v in data.metrics.items() if isinstance(v, (int, float, str))]
-    shown = {k for k, _ in rows}
-    for key in ("eval_fve_a", "eval_fve_b", "dead_fraction", "mean_l0", "n_tokens", "n_alive", "n_features",
-                "n_candidates", "n_token_artifacts"):
-        if key in data.summary and key not in shown:
-            rows.append((key, _fmt(data.summary[key])))
+    merged = {**data.metrics, **data.summary}
+    rows = []
+    for keys, label, kind in METRIC_LINES:
+        key = next((k for k in keys if merged.get(k) is not None), None)
+        if key is not None:
+            rows.append((label, _format_metric(merged[key], kind)))
+    if data.blocks:
+        for partition, name in (("a", "A-exclusive"), ("b", "B-exclusive"), ("shared", "shared")):
+            counts = data.blocks.get(partition, {})
+            if counts.get("total"):
+                rows.append((f"live {name} features", f"{counts['live']:,} of {counts['total']:,}"))
     return rows
+
+
+def executive_summary(data: ReportData) -> list[str]:
+    """Three or four plain sentences: the models, what was found, and how far to trust it."""
+    name_a, name_b = _model_name(data.models, "a"), _model_name(data.models, "b")
+    merged = {**data.metrics, **data.summary}
+    blocks = data.blocks or {}
+    lines = [f"Model A is {name_a}; model B is {name_b}."]
+    found = []
+    for side, name in (("a", name_a), ("b", name_b)):
+        live = blocks.get(side, {}).get("live", 0)
+        total = blocks.get(side, {}).get("total", 0)
+        candidates = (data.n_candidates or {}).get(side, 0)
+        top = data.top.get(side) or []
+        words = ", ".join(repr(f.top_token.strip()) for f in top[:3] if f.top_token)
+        found.append(
+            f"{candidates} candidate difference(s) specific to {side.upper()} ({name}): {live} of {total} "
+            f"{side.upper()}-exclusive features fire" + (f"; the top ones fire on {words}" if words else "")
+        )
+    lines.append("Found: " + "; ".join(found) + ".")
+    fve = [merged.get(k) for k in ("eval_fve_a", "eval_fve_b")]
+    dead = merged.get("eval_dead_fraction", merged.get("dead_fraction"))
+    sure = []
+    if all(isinstance(v, (int, float)) for v in fve):
+        sure.append(f"the crosscoder explains {100 * fve[0]:.0f}% (A) and {100 * fve[1]:.0f}% (B) of the "
+                    "held-out activation variance")
+    if isinstance(dead, (int, float)):
+        sure.append(f"{100 * dead:.0f}% of its features are dead")
+    if isinstance(merged.get("n_tokens"), (int, float)):
+        sure.append(f"statistics come from {int(merged['n_tokens']):,} held-out token pairs")
+    trust = ("How sure: " + "; ".join(sure) + ". ") if sure else "How sure: "
+    lines.append(trust + "These are screening results: a feature is a candidate until steering it "
+                 "(`xdiff steer --feature ID --measure`) changes the model's behaviour as its examples suggest.")
+    return lines
 
 
 def _feature_caption(feature: Feature) -> str:
     block = {"a": "A-exclusive", "b": "B-exclusive", "shared": "shared"}[feature.partition]
     return (
         f"feature {feature.id} · {block} · rank {feature.rank} · R {feature.rel_norm:.2f} · "
-        f"freq {feature.frequency:.2e} · s_max {feature.max_activation:.3g} · "
-        f"breadth {feature.n_distinct_tokens} word types"
+        f"freq {format_frequency(feature.frequency)} · s_max {feature.max_activation:.3g} · "
+        f"score {feature.score:.2f} · {why(feature)}"
     )
 
 
@@ -218,6 +301,8 @@ def _features_html(features: list[Feature], side: str) -> str:
     blocks = []
     for feature in features:
         label = f' <span class="label">{html.escape(feature.label)}</span>' if feature.label else ""
+        if feature.label_score is not None:
+            label += f' <span class="muted">(detection AUC {feature.label_score:.2f})</span>'
         examples = "".join(
             f'<div class="ex">{_highlight_html(e, feature.max_activation)} '
             f'<span class="act">({e.activation:.3g})</span></div>'
@@ -239,6 +324,7 @@ def render_html(data: ReportData) -> str:
         f"<h1>xdiff report: {html.escape(name_a)} vs {html.escape(name_b)}</h1>",
         f'<p class="muted">run {html.escape(data.run_id)} · created {html.escape(data.created)} · '
         f"generated {generated}</p>",
+        "<h2>Summary</h2>", "".join(f"<p>{html.escape(line)}</p>" for line in executive_summary(data)),
         "<h2>Models</h2>", _table_html(_model_rows(data.models)),
         "<h2>Data and training settings</h2>", _table_html(settings),
         "<h2>Reconstruction and dictionary metrics</h2>", _table_html(_metric_rows(data)),
@@ -299,6 +385,8 @@ def _features_md(features: list[Feature], side: str) -> str:
     out = []
     for feature in features:
         label = f" — **{_md_escape(feature.label)}**" if feature.label else ""
+        if feature.label_score is not None:
+            label += f" (detection AUC {feature.label_score:.2f})"
         out.append(f"#### {_md_escape(_feature_caption(feature))}{label}\n")
         for e in feature.examples:
             text = (
@@ -316,6 +404,7 @@ def render_markdown(data: ReportData) -> str:
     return "\n".join([
         f"# xdiff report: {_md_escape(name_a)} vs {_md_escape(name_b)}\n",
         f"run `{data.run_id}` · created {data.created}\n",
+        "## Summary\n", "\n\n".join(_md_escape(line) for line in executive_summary(data)) + "\n",
         "## Models\n", _table_md(_model_rows(data.models)),
         "## Data and training settings\n", _table_md(settings),
         "## Reconstruction and dictionary metrics\n", _table_md(_metric_rows(data)),

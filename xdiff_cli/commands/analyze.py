@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from xdiff_cli.commands.common import RUN_HELP
@@ -9,6 +11,24 @@ from xdiff_cli.ranking import RANKING_HELP
 
 TABLE_DEFAULT_LIMIT = 25
 SNIPPET_WIDTH = 56
+
+
+def _partition_option(value: str) -> str:
+    from xdiff_cli.feature_columns import parse_partition
+
+    try:
+        return parse_partition(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _sort_option(value: str) -> str:
+    from xdiff_cli.feature_columns import parse_sort
+
+    try:
+        return parse_sort(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def analyze(
@@ -40,20 +60,28 @@ def analyze(
         f"eval FVE  A {summary.get('eval_fve_a', float('nan')):.3f}  B {summary.get('eval_fve_b', float('nan')):.3f}"
         f"   → {path}"
     )
-    console.print(features_table(index, index.features(limit=10), title="top 10 by default ranking"))
+    console.print(live_counts_line(index.block_counts()))
+    console.print(features_table(index, index.features(limit=10), title="top 10 by default ranking"),
+                  width=terminal_width())
     index.close()
 
 
 def features(
     run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
-    partition: str = typer.Option("all", "--partition", "-p", help="a, b, shared or all."),
+    partition: str = typer.Option(
+        "all", "--partition", "-p", callback=_partition_option, help="a, b, shared or all (any case)."
+    ),
     sort: str = typer.Option(
-        "rank", "--sort", help="rank (default ranking), frequency, max_activation, rel_norm, score or id."
+        "rank", "--sort", callback=_sort_option,
+        help="rank (default ranking), score, freq, s_max, R or id (the column names work too).",
     ),
     limit: int | None = typer.Option(
         None, "--limit", "-n", min=1, help=f"Show at most N features (table default {TABLE_DEFAULT_LIMIT}; JSON: all)."
     ),
-    search: str | None = typer.Option(None, "--search", "-s", help="Only features whose top examples contain TEXT."),
+    search: str | None = typer.Option(
+        None, "--search", "-s",
+        help="Only features whose top examples have TEXT at or next to the firing token, or whose `xdiff label` label contains it."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list (with examples) instead of a table."),
     examples: int = typer.Option(20, "--examples", min=0, help="Examples per feature in --json output."),
 ) -> None:
@@ -78,25 +106,31 @@ def features(
             return
         from xdiff_cli.console import console
 
-        total = index.count(partition)
-        title = f"run {run.id}: {len(rows)} of {total} features" + (f" matching {search!r}" if search else "")
+        matching = index.count_matching(partition, search)
+        title = f"run {run.id}: {len(rows)} of {matching} features"
+        if search:
+            title += f" matching {search!r} (of {index.count(partition)})"
         title += _dead_blocks_text(index.meta.get("summary", {}), prefix="dead: ")
-        console.print(features_table(index, rows, title=title))
+        console.print(live_counts_line(index.block_counts()))
+        console.print(features_table(index, rows, title=title), width=terminal_width())
+        if len(rows) < matching:
+            console.print(f"[dim]{matching - len(rows)} more: --limit {matching} shows all[/]")
     finally:
         index.close()
 
 
 features.__doc__ = f"List a run's features, most worth a look first.\n\n{RANKING_HELP}\n\n" + (
-    "Columns: R is the relative decoder norm |dA|/(|dA|+|dB|) (1 = writes only to A); breadth is the "
-    "number of distinct word types the feature fires on; flags: ★ candidate difference, "
-    "⚠ tokenization artifact, ✝ dead. The A/B decoder cosine (in --json as dec_cos) is only defined "
-    "when the two models have the same width; it is null otherwise."
+    "Columns: model is the block (A-only, B-only or shared A+B); R is the relative decoder norm "
+    "|dA|/(|dA|+|dB|) (1 = writes only to A); freq is the share of token pairs it fires on; s_max its "
+    "largest activation; score the ranking score within its tier; why says what put it there (block, "
+    "number of distinct words it fires on, tokenization artifact, dead). The A/B decoder cosine "
+    "(in --json as dec_cos) is only defined when the two models have the same width; it is null otherwise."
 )
 
 
 def report(
     run_id: str | None = typer.Option(None, "--run", help=RUN_HELP),
-    out: str | None = typer.Option(None, "--out", "-o", help="Output file (default: report.html/.md in the run dir)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output file (default: ./xdiff-report-RUN.html or .md)."),
     fmt: str = typer.Option("html", "--format", "-f", help="html (self-contained) or md."),
     top: int = typer.Option(10, "--top", min=1, help="Exclusive features shown per model."),
 ) -> None:
@@ -118,12 +152,15 @@ def report(
 # --- rendering ----------------------------------------------------------------------------
 
 PARTITION_STYLE = {"a": "bold cyan", "b": "bold magenta", "shared": "dim"}
+MIN_EXAMPLE_WIDTH = 12  # narrower than this, the example column is left out
 
 
-def flags_for(feature) -> str:  # noqa: ANN001 - feature_index.Feature
-    if not feature.alive:
-        return "✝"
-    return ("★" if feature.candidate else "") + ("⚠" if feature.token_artifact else "")
+def live_counts_line(counts: dict[str, dict[str, int]]) -> str:
+    """'live features: A-only 2 of 26 · B-only 20 of 26 · shared 180 of 204' (dead ones do not count)."""
+    from xdiff_cli.feature_columns import BLOCK_NAMES
+
+    parts = [f"{BLOCK_NAMES[p]} {c['live']} of {c['total']}" for p, c in counts.items() if c["total"]]
+    return "live features: " + " · ".join(parts)
 
 
 def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Example -> rich Text
@@ -135,46 +172,69 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
     text = inert(example.text.replace("\n", " ").replace("\t", " "))
     start, end = example.start, example.end
     token_len = end - start
-    before = max(0, width - token_len - 12)
+    before = max(0, min(width // 2, width - token_len - 4))
     lo = max(0, start - before)
     hi = min(len(text), end + max(0, width - (end - lo)))
+    lo = max(0, min(lo, hi - width))  # the text ends early: use the room on the left
     line = Text(("…" if lo > 0 else "") + text[lo:hi] + ("…" if hi < len(text) else ""))
     offset = 1 if lo > 0 else 0
     line.stylize("bold black on yellow", start - lo + offset, end - lo + offset)
     return line
 
 
-def features_table(index, rows, title: str = ""):  # noqa: ANN001, ANN201 - FeatureIndex, [Feature] -> Table
+def terminal_width() -> int:
+    """COLUMNS read now (the shared console froze it when first imported), else the console's."""
+    from xdiff_cli.console import console
+
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else console.width
+
+
+LABEL_WIDTH = 24  # the label column, when a run is labelled
+
+
+def features_table(index, rows, title: str = "", width: int | None = None):  # noqa: ANN001, ANN201
+    """The feature list as a rich Table that fits `width` (default: the console's).
+
+    Every `LIST_COLUMNS` column keeps its fixed width; the example column gets what is
+    left and is dropped below MIN_EXAMPLE_WIDTH, so id and model are always visible."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=title, title_justify="left", header_style="bold", expand=False)
-    table.add_column("id", justify="right")
-    table.add_column("model")
-    table.add_column("R", justify="right")
-    table.add_column("freq", justify="right")
-    table.add_column("max act", justify="right")
-    table.add_column("breadth", justify="right")
-    table.add_column("flags")
-    table.add_column("top example", no_wrap=True, overflow="ellipsis", max_width=SNIPPET_WIDTH + 2)
-    for feature in rows:
-        top = index.examples(feature.id, view=feature.own_view, limit=1)
-        example = snippet(top[0]) if top else Text("—", style="dim")
-        if feature.label:
-            from xdiff_cli.safe_text import inert
+    from xdiff_cli.console import console
+    from xdiff_cli.feature_columns import LIST_COLUMNS
 
-            example = Text(f"[{inert(feature.label, one_line=True)}] ", style="yellow") + example
-        table.add_row(
-            str(feature.id),
-            Text(feature.partition.upper() if feature.partition != "shared" else "shared",
-                 style=PARTITION_STYLE[feature.partition]),
-            f"{feature.rel_norm:.2f}",
-            f"{feature.frequency:.2e}" if feature.frequency else "0",
-            f"{feature.max_activation:.3g}",
-            str(feature.n_distinct_tokens),
-            flags_for(feature),
-            example,
-        )
+    from xdiff_cli.safe_text import inert
+
+    width = width or terminal_width()
+    # `xdiff label` labels get their own column (with their detection AUC) once a listed row
+    # has one; otherwise analysis' notes (e.g. tokenization artifacts) prefix the example.
+    labelled = any(f.label_score is not None for f in rows)
+    fixed = sum(c.width + 1 for c in LIST_COLUMNS) + (LABEL_WIDTH + 1 if labelled else 0)
+    example_width = width - fixed
+    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                  show_edge=False, padding=0, expand=False)
+    for c in LIST_COLUMNS:
+        table.add_column(c.header, justify=c.justify, width=c.width, no_wrap=True, overflow="ellipsis")
+    if labelled:
+        table.add_column("label (AUC)", width=LABEL_WIDTH, no_wrap=True, overflow="ellipsis")
+    if example_width >= MIN_EXAMPLE_WIDTH:
+        table.add_column("top example", no_wrap=True, overflow="ellipsis", width=example_width)
+    for feature in rows:
+        cells = [Text(c.value(feature), style=PARTITION_STYLE[feature.partition] if c.key == "partition" else "")
+                 for c in LIST_COLUMNS]
+        if labelled:
+            score = f" ({feature.label_score:.2f})" if feature.label_score is not None else ""
+            shown = inert(feature.label, one_line=True) if feature.label else "—"
+            cells.append(Text(f"{shown}{score}", style="yellow" if feature.label else "dim"))
+        if example_width >= MIN_EXAMPLE_WIDTH:
+            top = index.examples(feature.id, view=feature.own_view, limit=1)
+            example = snippet(top[0], example_width - 2) if top else Text("—", style="dim")
+            if feature.label and not labelled:
+                example = Text(f"[{inert(feature.label, one_line=True)}] ", style="yellow") + example
+            cells.append(example)
+        table.add_row(*cells)
     return table
 
 

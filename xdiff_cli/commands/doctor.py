@@ -1,4 +1,4 @@
-"""`xdiff doctor`."""
+"""`xdiff doctor`: each check printed as soon as it is done."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import typer
 
 
 def doctor() -> None:
-    """Check Python, torch, CUDA, 4-bit support, HF token and disk space."""
-    from rich.table import Table
+    """Check Python, torch, CUDA, the hub, 4-bit support, HF token and disk space."""
+    from rich.markup import escape
 
     from xdiff_cli.console import console
-    from xdiff_cli.doctor import run_doctor
+    from xdiff_cli.doctor import DoctorReport, iter_checks
 
-    report = run_doctor()
-    table = Table(show_header=False, box=None)
-    for check in report.checks:
-        mark = "[green]ok[/]" if check.ok else ("[red]FAIL[/]" if check.required else "[yellow]--[/]")
-        table.add_row(mark, check.name, check.detail)
-    console.print(table)
+    report = DoctorReport()
+    width = 20
+    for check in iter_checks():
+        report.checks.append(check)
+        mark = "[green]ok[/]  " if check.ok else ("[red]FAIL[/]" if check.required else "[yellow]--[/]  ")
+        console.print(f"{mark} {escape(check.name):<{width}} {escape(check.detail)}")
     if not report.usable:
         console.print("[red]xdiff cannot run here: fix the FAIL lines above.[/]")
         raise typer.Exit(1)

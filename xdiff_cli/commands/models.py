@@ -64,10 +64,19 @@ def plan(
 
     if quant not in QUANT_CHOICES:
         raise XdiffError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    from xdiff_cli.presets import shipped_config_dir
+
     footprints = []
     for text in (model_a, model_b):
         spec = parse_model_spec(text)
-        footprints.append(footprint_from_dir(fetch_metadata(spec), name=spec.repo_id or spec.local_path.name))
+        try:
+            folder = fetch_metadata(spec)
+        except XdiffError:
+            folder = shipped_config_dir(text) if not spec.is_local else None
+            if folder is None:
+                raise
+            console.print(f"[dim]note:[/] hub unreachable: using the config facts xdiff ships for {spec.repo_id}")
+        footprints.append(footprint_from_dir(folder, name=spec.repo_id or spec.local_path.name))
     if gpu_memory is not None:
         target = "cuda"
         free = int(gpu_memory * 1e9)

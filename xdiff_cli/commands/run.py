@@ -29,6 +29,11 @@ def run(
     ),
     new: bool = typer.Option(False, "--new", help="Start a new run even if an identical one exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    label: bool = typer.Option(False, "--label", help="Then label the top 20 candidates (as `xdiff label`)."),
+    label_model: str | None = typer.Option(None, "--label-model", help="Labeller for --label (see `xdiff label --model`)."),
+    label_endpoint: str | None = typer.Option(
+        None, "--label-endpoint", help="OpenAI-compatible URL for --label (see `xdiff label --endpoint`)."
+    ),
     *,
     options: dict,
 ) -> None:
@@ -49,17 +54,31 @@ def run(
     resolved = planning.resolve_settings(model_a, model_b, preset_name=preset, options=options, hardware=hardware)
     for warning in resolved.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    plan = planning.make_plan(resolved, hardware)
+    plan = planning.make_plan(resolved, hardware, check=not dry_run)
     existing = pipeline.find_run(plan.settings, name=name, new=new)
     done_store = paths.dir_bytes(existing.store_dir) if existing is not None else 0
-    planning.check_inputs(plan, done_store_bytes=done_store)
+    if not dry_run:
+        planning.check_inputs(plan, done_store_bytes=done_store)
+    else:  # bad inputs still fail; a disk too small for the plan is a warning beside the plan
+        planning.check_inputs(plan, done_store_bytes=plan.disk_bytes or 0)
+        try:
+            paths.check_free_space(paths.runs_root(), (plan.disk_bytes or 0) - done_store, "the activation store")
+        except XdiffError as exc:
+            plan.warnings.append(str(exc))
     print_plan(plan)
+    for warning in [w for w in plan.warnings if w not in resolved.warnings]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    infeasible = feasibility_warning(plan)
+    if infeasible:
+        console.print(f"[yellow]warning:[/] {infeasible}")
     if dry_run:
         return
     if existing is not None and existing.complete and restart_from is None:
         console.print(f"\nrun [bold]{existing.id}[/] with these settings is already complete "
                       f"(--new starts another, --restart-from STAGE redoes part of it)")
         print_summary(pipeline.summarize(existing))
+        if label:
+            label_after_run(existing, model=label_model, endpoint=label_endpoint)
         return
     run_ = existing or pipeline.create_run(plan, name, command=["xdiff", *sys.argv[1:]])
     with run_.lock():
@@ -80,6 +99,33 @@ def run(
         stages.run_stages(run_, ctx, on_stage=header)
     console.rule("[bold]done", align="left")
     print_summary(pipeline.summarize(run_))
+    if label:
+        label_after_run(run_, model=label_model, endpoint=label_endpoint)
+
+
+def label_after_run(run_, *, model: str | None, endpoint: str | None) -> None:  # noqa: ANN001 - runs.Run
+    """`xdiff run --label`: the optional label stage, after analysis (resumable, cached)."""
+    from xdiff_cli.commands.label import label_with_progress
+
+    label_with_progress(run_, model=model, endpoint=endpoint, partition="candidates", limit=20,
+                        device=run_.settings.device or "auto")
+
+
+FEASIBLE_SECONDS = 2 * 24 * 3600  # more compute than this on this machine is "not feasible here"
+
+
+def feasibility_warning(plan) -> str | None:  # noqa: ANN001 - pipeline.Plan
+    """A plain warning when the plan's compute estimate is days on this machine (e.g. 100M
+    tokens of an 8B pair on a CPU), with the estimate and what to change."""
+    from xdiff_cli.formatting import format_duration
+
+    known = [v for v in plan.time_seconds().values() if v is not None]
+    if not known or sum(known) <= FEASIBLE_SECONDS:
+        return None
+    s = plan.settings
+    return (f"{s.tokens:,} token pairs of this pair is not feasible here: {format_duration(sum(known))} "
+            f"of compute on {plan.hardware.describe()} — use a GPU (`xdiff plan {s.model_a} {s.model_b} "
+            f"--gpu-memory 24` shows the fit), fewer --tokens/--steps, or a smaller pair (`--preset small`)")
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
@@ -146,6 +192,16 @@ def print_summary(summary) -> None:  # noqa: ANN001 - pipeline.Summary
         f"  L0 {fmt('eval_l0') if 'eval_l0' in m else fmt('l0')}  dead {fmt('dead_fraction', pct=True)}"
         + _dead_blocks_text(m)
     )
+    analysis = summary.run_dir / "analysis.sqlite"
+    if analysis.is_file():  # dead exclusive features must not hide behind one overall percentage
+        from xdiff_cli.commands.analyze import live_counts_line
+        from xdiff_cli.feature_index import FeatureIndex
+
+        index = FeatureIndex.open(analysis)
+        try:
+            console.print(live_counts_line(index.block_counts()))
+        finally:
+            index.close()
     for title, lines in (("only in model A", summary.top_a), ("only in model B", summary.top_b)):
         table = Table(title=f"[bold]top features {title}", title_justify="left", box=None)
         for col in ("id", "top token", "freq", "example"):
@@ -181,16 +237,25 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
     if not infos:
         console.print("no runs yet — start one with `xdiff run MODEL_A MODEL_B` (or `xdiff run --preset tiny`)")
         return
-    table = Table()
-    for col in ("id", "models", "created", "stage", "FVE A/B", "disk"):
-        table.add_column(col, justify="right" if col == "disk" else "left")
+    from rich import box
+
+    # ids and numbers never wrap or truncate; the model names fold, and below 100 columns the
+    # creation time (the id starts with it by default) makes room.
+    columns = ("id", "models", "created", "stage", "FVE A/B", "disk")
+    if console.width < 100:
+        columns = tuple(c for c in columns if c != "created")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for col in columns:
+        table.add_column(col, justify="right" if col == "disk" else "left", no_wrap=col != "models",
+                         overflow="fold", min_width=12 if col == "models" else None)
     for info in infos:
         m = info["metrics"]
         fve_a, fve_b = m.get("eval_fve_a", m.get("fve_a")), m.get("eval_fve_b", m.get("fve_b"))
         fve = f"{fve_a:.3f}/{fve_b:.3f}" if fve_a is not None and fve_b is not None else "-"
         models = f"{info['models']['a']}\nvs {info['models']['b']}" if "error" not in info else escape(info["error"])
-        table.add_row(info["id"], models, (info["created"] or "")[:19].replace("T", " "), info["stage"], fve,
-                      format_bytes(info["disk_bytes"]))
+        cells = {"id": info["id"], "models": models, "created": (info["created"] or "")[:19].replace("T", " "),
+                 "stage": info["stage"], "FVE A/B": fve, "disk": format_bytes(info["disk_bytes"])}
+        table.add_row(*(cells[c] for c in columns))
     console.print(table)
 
 
@@ -237,7 +302,8 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         return
     table = Table()
     for col in ("name", "models", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name", overflow="fold",
+                         min_width=max((len(p.name) for p in found), default=4) if col == "name" else None)
     for p in found:
         table.add_row(p.name, f"{p.model_a}\nvs {p.model_b}", escape(p.description))
     console.print(table)

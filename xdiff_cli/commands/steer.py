@@ -38,6 +38,23 @@ def parse_features(specs: list[str], scale: float | None) -> list[tuple[int, flo
     return features
 
 
+def check_features_fire(index, features: list[tuple[int, float]]) -> None:  # noqa: ANN001 - FeatureIndex
+    """Refuse, before any model loads, to steer a feature that never fired: its s_max is 0,
+    so every α adds a zero vector and the two answers would be identical."""
+    from xdiff_cli.errors import XdiffError
+
+    for feature_id, _ in features:
+        if feature_id >= index.n_features:
+            continue  # out of range: the steerer says so, with the valid ids
+        feature = index.feature(feature_id)
+        if not feature.alive or feature.max_activation <= 0:
+            block = {"a": "a", "b": "b"}.get(feature.partition, "shared")
+            raise XdiffError(
+                f"feature {feature_id} never fired on the analysed tokens (s_max = 0): steering it changes nothing",
+                f"pick a live one from `xdiff features --partition {block}`",
+            )
+
+
 def _steered_label(features: list[tuple[int, float]]) -> str:
     return ", ".join(f"#{f} × {s:+g}" for f, s in features)
 
@@ -81,6 +98,7 @@ def steer(
     features = parse_features(feature, scale)
     steerer = Steerer(pick_run(run_id, needs="analyze"), device=device, quant=quant,
                       trust_remote_code=trust_remote_code)
+    check_features_fire(steerer.index, features)
     sides = steerer.sides_for(features, model)
 
     def progress(message: str) -> None:

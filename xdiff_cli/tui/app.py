@@ -24,10 +24,13 @@ class XdiffApp(App):
         Binding("ctrl+q", "quit", "Quit", show=False),
     ]
 
-    def __init__(self, run_id: str | None = None, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self, run_id: str | None = None, trust_remote_code: bool = False, search_debounce: float | None = None
+    ) -> None:
         super().__init__()
         self.run_id = run_id
         self.trust_remote_code = trust_remote_code  # from `xdiff browse --trust-remote-code` only
+        self.search_debounce = search_debounce  # None: the screen's default; tests pass 0
         self.user_error: XdiffError | None = None  # re-raised by `xdiff browse` after the screen is gone
 
     def _handle_exception(self, error: Exception) -> None:
@@ -73,7 +76,8 @@ class XdiffApp(App):
             screen = EmptyStateScreen(*unanalysed_message(run), run=run)
         else:
             try:
-                screen = FeaturesScreen(run, FeatureIndex.open(run.analysis_path))
+                options = {} if self.search_debounce is None else {"search_debounce": self.search_debounce}
+                screen = FeaturesScreen(run, FeatureIndex.open(run.analysis_path), **options)
             except XdiffError as exc:
                 screen = EmptyStateScreen(f"Run {run.id} cannot be opened", str(exc), run=run)
         if not replace and isinstance(self.screen, RunPickerScreen):

@@ -16,10 +16,12 @@ INTRO = (
     "written by one model, shared ones by both. R = |dA| / (|dA| + |dB|)."
 )
 FEATURE_KEYS = (
-    ("1 2 3 4", "A-exclusive · B-exclusive · shared · all"),
-    ("/", "search the examples (filters as you type)"),
-    ("o", "cycle the sort (rank, id, freq, s_max, R); or click a header"),
+    ("1 2 3 4", "A-exclusive · B-exclusive · shared · all (tabs: live/total features)"),
+    ("/", "search the words at and next to the firing token; esc clears it"),
+    ("o", "cycle the sort (rank, id, freq, s_max, R, score); or click a header"),
+    ("home end", "first / last feature in the list"),
     ("v", "show a shared feature's examples in A's or B's tokens"),
+    ("x", "sample weaker firings (lower activation bands) of the selected feature"),
     ("s", "steer the selected feature in a chat"),
     ("r", "switch run"),
     ("ctrl+p", "command palette (go to feature N, switch run, …)"),
@@ -27,7 +29,8 @@ FEATURE_KEYS = (
 )
 STEER_KEYS = (
     ("enter", "generate the unsteered and the steered answer side by side"),
-    ("↑ ↓", "change the scale α by 1 in the α box (+ and - elsewhere)"),
+    ("↑ ↓", "change α by 1 (default +4); + and - too, outside the prompt"),
+    ("ctrl+o", "shared features: steer both models (default, as `xdiff steer`), only A, or only B"),
     ("esc", "stop generating; again to go back"),
 )
 STEER_NOTE = (
@@ -47,7 +50,7 @@ def help_renderable() -> Group:
         return table
 
     return Group(
-        Text("xdiff browse", style="bold"), Text(INTRO), Text(""), keys("feature list", FEATURE_KEYS), Text(""),
+        Text.assemble(("xdiff browse", "bold"), ("   esc, ? or q closes this help", "dim")), Text(INTRO), Text(""), keys("feature list", FEATURE_KEYS), Text(""),
         keys("steering chat", STEER_KEYS), Text(""), Text(STEER_NOTE, style="dim"),
     )
 
@@ -60,7 +63,9 @@ class HelpScreen(ModalScreen):
     ]
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="help-box"):
+        with VerticalScroll(id="help-box") as box:
+            box.border_title = "help"
+            box.border_subtitle = "esc closes"
             yield Static(help_renderable(), id="help-text")
 
     def action_dismiss(self) -> None:  # type: ignore[override]

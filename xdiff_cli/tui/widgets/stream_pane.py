@@ -17,8 +17,8 @@ def printable(text: str) -> str:
 class StreamPane(VerticalScroll):
     """A bordered pane whose body grows token by token (`append`), scrolled to the end."""
 
-    def __init__(self, title: str, *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
-        super().__init__(id=id, classes="stream-pane")
+    def __init__(self, title: str, *, id: str | None = None, classes: str = "") -> None:  # noqa: A002
+        super().__init__(id=id, classes=f"stream-pane {classes}".strip())
         self.border_title = title
         self.text = ""
 
