@@ -264,9 +264,10 @@ def test_xdiff_run_redoes_a_done_stage_whose_output_was_damaged(monkeypatch, cap
     ran = []
     monkeypatch.setattr("xdiff_cli.training.train_stage", lambda r, ctx: ran.append("train") or train_run(r, False))
     monkeypatch.setattr("xdiff_cli.analysis.analyze_stage", lambda r, ctx: ran.append("analyze"))
+    monkeypatch.setattr("xdiff_cli.verify.verify_stage", lambda r, ctx: ran.append("verify"))
     assert stage_problem(run, "train") is not None
     stages.run_stages(run, stages.StageContext(progress=False))
-    assert ran == ["train", "analyze"]
+    assert ran == ["train", "analyze", "verify"]
     assert "the train output of run" in capsys.readouterr().err
     assert stage_problem(run, "train") is None and run.stage_done("train")
     assert [p.name for p in checkpoint_dirs(run.crosscoder_dir)]  # kept: training resumed, not redone

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from analysis_fixtures import make_analysed_run
 from typer.testing import CliRunner
 

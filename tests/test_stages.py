@@ -90,7 +90,7 @@ def _interrupt(run, ctx):  # noqa: ANN001
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("name", stages.STAGE_NAMES)
+@pytest.mark.parametrize("name", stages.stages_through(stages.COMPLETE_THROUGH))  # verify: tests/test_verify.py
 def test_stage_restarted_interrupted_resumed_alone_and_through_run_keeps_record_and_artifacts_in_step(
     name, small_run_dir, xdiff_home, monkeypatch
 ):

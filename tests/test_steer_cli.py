@@ -41,7 +41,8 @@ def test_json_for_a_shared_feature_lists_both_models(run) -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [p["model"] for p in payload] == ["a", "b"]
-    assert all(set(p) == CONTRACT_KEYS | {"kl"} and p["kl"] > 0 for p in payload)
+    assert all(set(p) == CONTRACT_KEYS | {"kl", "kl_random"} and p["kl"] > 0 for p in payload)
+    assert all(p["kl_random"] >= 0 for p in payload)
 
 
 def test_json_with_several_features_gives_parallel_lists(run) -> None:

@@ -152,7 +152,7 @@ def test_scale_zero_reproduces_plain_generation_exactly(steerer: Steerer, side: 
     assert steered == plain and len(plain) > 0
     result = steerer.generate(PROMPT, [(SHARED, 0.0)], side=side, max_new_tokens=16, measure=True)
     assert result.steered == result.baseline
-    assert result.kl == 0.0
+    assert result.kl == 0.0 and result.kl_random == 0.0  # a zero-norm random direction too
 
 
 def test_scale_zero_with_sampling_reproduces_the_sampled_baseline(steerer: Steerer) -> None:
@@ -177,6 +177,16 @@ def test_nonzero_scale_changes_the_next_token_distribution(steerer: Steerer) -> 
     assert result.kl is not None and result.kl > 1e-3
     opposite = steerer.generate(PROMPT, [(B_EXCLUSIVE, 0.5)], side="b", max_new_tokens=16, measure=True)
     assert 0.0 < opposite.kl < result.kl  # a smaller push moves the distribution less
+    assert result.kl_random is not None and result.kl_random > 0  # the same push, random direction
+
+
+def test_random_baseline_direction_has_the_steering_vectors_norm_and_is_seeded() -> None:
+    from xdiff_cli.steering import random_direction_like
+
+    vector = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    first, again = random_direction_like(vector, seed=1), random_direction_like(vector, seed=1)
+    assert torch.allclose(first, again) and float(first.norm()) == pytest.approx(5.0)
+    assert abs(float(torch.nn.functional.cosine_similarity(first, vector, dim=0))) < 0.999
 
 
 def test_streamed_pieces_add_up_to_the_answers(steerer: Steerer) -> None:

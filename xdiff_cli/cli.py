@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "steer",
     "analyze",
     "label",
+    "verify",
     "models",
     "harvest",
     "train",

@@ -7,6 +7,7 @@ sources → half and half, the paper's web + chat mix):
 - `path/to/file.jsonl` one JSON object per line with a `text` field, or chat `messages`
                        (a list of {"role", "content"}; `conversation`/`conversations` too)
 - `builtin:smoke`      the small mixed corpus shipped with the package (smoke runs)
+- `builtin:prose`      real human-written prose read from the Python install itself (see prose.py)
 - `hf:org/name[:split][:config]`  a hub dataset, streamed with `datasets`
 
 Chat documents keep their messages, so each model can render them with its own chat
@@ -171,8 +172,12 @@ def _open_source(source: str, seed: int) -> Iterator[tuple[str, list[dict[str, s
     source = source.strip()
     if source == "builtin:smoke":
         return _read_jsonl(builtin_smoke_path())
+    if source == "builtin:prose":
+        from xdiff_cli.prose import prose_documents
+
+        return prose_documents()
     if source.startswith("builtin:"):
-        raise XdiffError(f"unknown built-in corpus {source!r}", "the built-in corpus is builtin:smoke")
+        raise XdiffError(f"unknown built-in corpus {source!r}", "the built-in corpora are builtin:smoke and builtin:prose")
     if source.startswith("hf:"):
         return _read_hub_dataset(source[3:], seed)
     path = Path(source).expanduser()
@@ -221,7 +226,7 @@ def check_corpus(spec: str) -> None:
             if next(_open_source(source, seed=0), None) is None:
                 raise XdiffError(f"corpus file {source} has no documents (it is empty or whitespace only)",
                                  "pass a file with text: one document per line (.txt) or one JSON record per line (.jsonl)")
-        elif source.startswith("builtin:") and source != "builtin:smoke":
+        elif source.startswith("builtin:") and source not in ("builtin:smoke", "builtin:prose"):
             _open_source(source, seed=0)
 
 

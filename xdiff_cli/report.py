@@ -63,6 +63,8 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
         for feature in index.features(alive_only=True):  # rank order
             hist[feature.partition][min(N_HIST_BINS - 1, int(feature.rel_norm * N_HIST_BINS))] += 1
             side = side_of(feature) if feature.candidate else None
+            if feature.found_in_shared:  # verify found a difference in the shared block
+                side = feature.probe_side
             if side and not feature.token_artifact:
                 n_candidates[side] += 1
             if side and len(best[side]) < top:
@@ -74,7 +76,7 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
             models={side: m.to_json() for side, m in run.models.items()} or meta.get("models", {}),
             settings={k: getattr(run.settings, k, None) for k in SETTINGS_SHOWN},
             metrics={**meta.get("train_metrics", {}), **run.metrics},
-            summary=meta.get("summary", {}),
+            summary={**meta.get("summary", {}), **_verify_summary(meta.get("verify"))},
             rel_norm_hist=hist,
             top=best,
             blocks=index.block_counts(),
@@ -87,6 +89,23 @@ def gather(run, top: int = 10) -> ReportData:  # noqa: ANN001 - runs.Run
 def default_report_path(run, fmt: str) -> Path:  # noqa: ANN001 - runs.Run
     """A report is a document to share: it goes to the current directory, named after the run."""
     return Path.cwd() / f"xdiff-report-{run.id}.{fmt}"
+
+
+def _verify_summary(verify: dict[str, Any] | None) -> dict[str, Any]:
+    """`xdiff verify`'s verdict counts per block (and the null run's false positives), if verified."""
+    if not verify:
+        return {}
+    out: dict[str, Any] = {}
+    for part, name in (("a", "A-exclusive"), ("b", "B-exclusive"), ("shared", "shared")):
+        counts = verify.get("counts", {}).get(part, {})
+        out[f"verdicts {name}"] = {k: v for k, v in counts.items() if k != "none"}
+    out["differences found in the shared block"] = verify.get("found_in_shared", 0)
+    fp = verify.get("false_positives")
+    if fp:
+        out["null run (A vs A): live exclusive-block features / verified exclusive"] = (
+            f"{fp['live_exclusive_block']} / {fp['verified_exclusive']}"
+        )
+    return out
 
 
 def write_report(run, out: Path | None = None, fmt: str = "html", top: int = 10) -> Path:  # noqa: ANN001
@@ -169,6 +188,7 @@ def _metric_rows(data: ReportData) -> list[tuple[str, str]]:
             counts = data.blocks.get(partition, {})
             if counts.get("total"):
                 rows.append((f"live {name} features", f"{counts['live']:,} of {counts['total']:,}"))
+    rows += [(k, _fmt(v)) for k, v in data.summary.items() if k.startswith(("verdicts ", "differences ", "null run"))]
     return rows
 
 
@@ -212,6 +232,7 @@ def _feature_caption(feature: Feature) -> str:
         f"feature {feature.id} · {block} · rank {feature.rank} · R {feature.rel_norm:.2f} · "
         f"freq {format_frequency(feature.frequency)} · s_max {feature.max_activation:.3g} · "
         f"score {feature.score:.2f} · {why(feature)}"
+        + (f" · verdict {feature.verdict}: {feature.verdict_reason}" if feature.verdict else "")
     )
 
 

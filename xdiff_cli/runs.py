@@ -34,7 +34,7 @@ from xdiff_cli import __version__, paths
 from xdiff_cli.atomic import read_json, write_json
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.settings import RunSettings
-from xdiff_cli.stages import STAGE_NAMES, missing_stage, stage_command
+from xdiff_cli.stages import COMPLETE_THROUGH, STAGE_NAMES, missing_stage, stage_command
 
 STATUSES = ("running", "done", "failed", "interrupted")
 
@@ -294,7 +294,7 @@ class Run:
     @property
     def current_stage(self) -> str:
         """The first stage not done (with its status), or 'done'."""
-        stage = missing_stage(self.stage_done, None)
+        stage = missing_stage(self.stage_done, COMPLETE_THROUGH)
         if stage is None:
             return "done"
         status = self.stage_status(stage)
@@ -302,7 +302,7 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return missing_stage(self.stage_done, None) is None
+        return missing_stage(self.stage_done, COMPLETE_THROUGH) is None
 
     def set_model(self, side: str, info: ModelRecord | dict[str, Any]) -> None:
         self.record.models[side] = info if isinstance(info, ModelRecord) else ModelRecord.from_json(info)

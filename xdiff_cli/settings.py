@@ -47,7 +47,7 @@ class RunSettings:
     model_b: str = field(default="", metadata={"help": "Model B: hub id (org/name[@revision]) or local directory."})
     corpus: str = field(
         default="builtin:smoke",
-        metadata={"help": "Local .txt/.jsonl file, hub dataset (hf:org/name[:split]), or builtin:smoke."},
+        metadata={"help": "Local .txt/.jsonl file, hub dataset (hf:org/name[:split]), builtin:smoke or builtin:prose."},
     )
     tokens: int = field(default=200_000, metadata={"help": "Aligned token pairs to harvest."})
     layer_a: int | None = field(default=None, metadata={"help": "Decoder layer of model A to read (default: middle)."})

@@ -51,8 +51,15 @@ STAGES: tuple[Stage, ...] = (
           "xdiff train --run {run}"),
     Stage("analyze", "analyse features", "xdiff_cli.analysis:analyze_stage", ("analysis.sqlite",),
           "xdiff analyze --run {run}"),
+    # Evidence goes into analysis.sqlite (redone with analyze); verify/ holds the probe fit
+    # and the null run, and deleting it makes verify recompute.
+    Stage("verify", "verify candidates (transfer probe)", "xdiff_cli.verify:verify_stage", ("verify",),
+          "xdiff verify --run {run}"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+# A run is complete (browsable, "done" in `xdiff runs`) once analysed; later stages add
+# evidence. `xdiff run` still runs every stage in the table.
+COMPLETE_THROUGH = "analyze"
 _BY_NAME = {s.name: s for s in STAGES}
 
 

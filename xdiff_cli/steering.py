@@ -18,7 +18,10 @@ so callers can stream pieces (`on_token`) and cancel between tokens (`should_sto
 steered model; at every answer position (the position predicting each generated token,
 stop token included) we take KL(p_steered ‖ p_unsteered) of the temperature-1 next-token
 distributions and average it. Reported in nats per token; 0 means steering did nothing
-on that answer.
+on that answer. Beside it, `kl_random`: the same measurement with a random direction of
+the same norm added instead (seeded), so the number has a scale: a feature whose KL is
+several times the random one moves the model along a direction it is sensitive to; one at
+or below it is no more than pushing the residual stream that hard in any direction.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class SteerResult:
     baseline: str
     steered: str
     kl: float | None = None  # mean KL(steered ‖ unsteered) per answer token, nats (--measure)
+    kl_random: float | None = None  # the same for a random direction of the same norm (baseline)
     layer: int | None = None
     model_name: str | None = None  # the model's spec, for display
     stopped: bool = False  # cancelled by should_stop before both answers finished
@@ -126,6 +130,8 @@ class SteerResult:
         }
         if self.kl is not None:
             out["kl"] = self.kl
+        if self.kl_random is not None:
+            out["kl_random"] = self.kl_random
         return out
 
 
@@ -251,6 +257,13 @@ def answer_log_probs(loaded: Any, prompt_ids: list[int], answer_ids: list[int]) 
     logits_TV = loaded.model(input_ids=ids, use_cache=False).logits[0].float()
     start = len(prompt_ids) - 1
     return torch.log_softmax(logits_TV[start : start + n], dim=-1)
+
+
+def random_direction_like(vector_D: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random direction with the norm of `vector_D` (the KL baseline of `--measure`)."""
+    generator = torch.Generator().manual_seed(seed)
+    random_D = torch.randn(vector_D.shape, generator=generator, dtype=torch.float32)
+    return random_D * (vector_D.float().norm() / random_D.norm().clamp_min(1e-12))
 
 
 def mean_kl(logp_steered_NV: torch.Tensor, logp_plain_NV: torch.Tensor) -> float:
@@ -466,12 +479,15 @@ class Steerer:
         if not stopped:
             with steer(loaded, layer, vector_D):
                 steered_ids, stopped = decode(loaded, prompt_ids, on_piece=stream("steered"), **options)
-        kl = None
+        kl = kl_random = None
         if measure and not stopped:
             logp_plain_NV = answer_log_probs(loaded, prompt_ids, steered_ids)
             with steer(loaded, layer, vector_D):
                 logp_steered_NV = answer_log_probs(loaded, prompt_ids, steered_ids)
             kl = mean_kl(logp_steered_NV, logp_plain_NV)
+            with steer(loaded, layer, random_direction_like(vector_D, seed)):
+                logp_random_NV = answer_log_probs(loaded, prompt_ids, steered_ids)
+            kl_random = mean_kl(logp_random_NV, logp_plain_NV)
 
         def text(ids: list[int]) -> str:
             return _TextStream(loaded.tokenizer, None).text(answer_ids(ids, stop_ids))
@@ -483,6 +499,7 @@ class Steerer:
             baseline=text(base_ids),
             steered=text(steered_ids),
             kl=kl,
+            kl_random=kl_random,
             layer=layer,
             model_name=self.model_name(side),
             stopped=stopped,

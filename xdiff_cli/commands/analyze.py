@@ -124,7 +124,7 @@ features.__doc__ = f"List a run's features, most worth a look first.\n\n{RANKING
     "|dA|/(|dA|+|dB|) (1 = writes only to A); freq is the share of token pairs it fires on; s_max its "
     "largest activation; score the ranking score within its tier; why says what put it there (block, "
     "number of distinct words it fires on, tokenization artifact, dead). The A/B decoder cosine "
-    "(in --json as dec_cos) is only defined when the two models have the same width; it is null otherwise."
+    "(in --json as dec_cos) is only defined when the two models have the same width; it is null otherwise. After `xdiff verify`, a verdict column (exclusive, analogous, weak, dead; * = a difference found in the shared block) and verified differences ranked first."
 )
 
 
@@ -182,6 +182,25 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
     return line
 
 
+VERDICT_STYLE = {"exclusive": "bold green", "analogous": "yellow", "weak": "dim", "dead": "dim red"}
+
+
+def live_counts_text(index) -> str:  # noqa: ANN001 - FeatureIndex
+    """'live A 3/26, B 1/26, shared 900/3,994': features that fire on held-out text, per block."""
+    live = index.live_counts()
+    parts = [f"{name} {live[p]:,}/{index.count(p):,}" for p, name in (("a", "A"), ("b", "B"), ("shared", "shared"))]
+    return "live " + ", ".join(parts)
+
+
+def verdict_text(feature):  # noqa: ANN001, ANN201 - Feature -> rich Text
+    from rich.text import Text
+
+    if feature.verdict is None:
+        return Text("—", style="dim")
+    mark = "*" if feature.found_in_shared else ""
+    return Text(feature.verdict + mark, style=VERDICT_STYLE.get(feature.verdict, ""))
+
+
 def terminal_width() -> int:
     """COLUMNS read now (the shared console froze it when first imported), else the console's."""
     from xdiff_cli.console import console
@@ -191,6 +210,7 @@ def terminal_width() -> int:
 
 
 LABEL_WIDTH = 24  # the label column, when a run is labelled
+VERDICT_WIDTH = 10  # the verdict column, when a run is verified
 
 
 def features_table(index, rows, title: str = "", width: int | None = None):  # noqa: ANN001, ANN201
@@ -202,21 +222,22 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     from rich.table import Table
     from rich.text import Text
 
-    from xdiff_cli.console import console
     from xdiff_cli.feature_columns import LIST_COLUMNS
-
     from xdiff_cli.safe_text import inert
 
     width = width or terminal_width()
     # `xdiff label` labels get their own column (with their detection AUC) once a listed row
     # has one; otherwise analysis' notes (e.g. tokenization artifacts) prefix the example.
     labelled = any(f.label_score is not None for f in rows)
-    fixed = sum(c.width + 1 for c in LIST_COLUMNS) + (LABEL_WIDTH + 1 if labelled else 0)
+    verified = index.verified
+    fixed = sum(c.width + 1 for c in LIST_COLUMNS) + (LABEL_WIDTH + 1 if labelled else 0) + (VERDICT_WIDTH + 1 if verified else 0)
     example_width = width - fixed
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
                   show_edge=False, padding=0, expand=False)
     for c in LIST_COLUMNS:
         table.add_column(c.header, justify=c.justify, width=c.width, no_wrap=True, overflow="ellipsis")
+    if verified:
+        table.add_column("verdict", width=VERDICT_WIDTH, no_wrap=True, overflow="ellipsis")
     if labelled:
         table.add_column("label (AUC)", width=LABEL_WIDTH, no_wrap=True, overflow="ellipsis")
     if example_width >= MIN_EXAMPLE_WIDTH:
@@ -224,6 +245,8 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     for feature in rows:
         cells = [Text(c.value(feature), style=PARTITION_STYLE[feature.partition] if c.key == "partition" else "")
                  for c in LIST_COLUMNS]
+        if verified:
+            cells.append(verdict_text(feature))
         if labelled:
             score = f" ({feature.label_score:.2f})" if feature.label_score is not None else ""
             shown = inert(feature.label, one_line=True) if feature.label else "—"

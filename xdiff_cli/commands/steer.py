@@ -1,7 +1,7 @@
 """`xdiff steer`: one steered generation beside the unsteered one (DESIGN §2, §4).
 
 JSON shape (`--json`): one object per steered model,
-    {"feature", "model", "scale", "prompt", "baseline", "steered"[, "kl"]}
+    {"feature", "model", "scale", "prompt", "baseline", "steered"[, "kl", "kl_random"]}
 printed alone when one model is steered, as a list when a shared feature steers both.
 With several `--feature`s, "feature" and "scale" are parallel lists.
 """
@@ -84,7 +84,7 @@ def steer(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the paper's setting)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same for both answers)."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as raw text, without the chat template."),
-    measure: bool = typer.Option(False, "--measure", help="Report mean KL(steered ‖ unsteered) over the answer."),
+    measure: bool = typer.Option(False, "--measure", help="Report mean KL(steered ‖ unsteered) per answer token, beside a random direction of the same norm."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (no streaming)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's)."),
     quant: str | None = typer.Option(None, "--quant", help="none, 8bit or 4bit (default: the run's)."),
@@ -146,6 +146,12 @@ def _stream_side(steerer, prompt, features, side, options, console):  # noqa: AN
             live.update(_columns(result.baseline, result.steered, features, title))
     if result.kl is not None:
         console.print(f"KL(steered ‖ unsteered) = {result.kl:.4f} nats per token, over the steered answer")
+        if result.kl_random is not None:
+            ratio = f"{result.kl / result.kl_random:.1f}x" if result.kl_random > 0 else "n/a"
+            console.print(
+                f"  random direction, same norm: {result.kl_random:.4f} nats per token ({ratio} that); "
+                "0 = no change, ~1 = most next-token probability moved"
+            )
     return result
 
 

@@ -54,7 +54,28 @@ def stats_text(feature: Feature) -> Text:
         text.append("token artifact: one word that A and B tokenise differently", style="yellow")
     else:
         text.append(why(feature), style="dim" if not feature.alive else "green")
+    for name, value in evidence_rows(feature):  # `xdiff verify` evidence, once verified
+        text.append(f"\n{name}: ", style="bold")
+        text.append(value)
     return text
+
+
+def evidence_rows(feature: Feature) -> list[tuple[str, Text | str]]:
+    """`xdiff verify`'s verdict and probe numbers (nothing before the run is verified)."""
+    if feature.verdict is None and feature.probe_r2 is None:
+        return []
+    rows: list[tuple[str, Text | str]] = []
+    if feature.verdict is not None:
+        style = {"exclusive": "bold green", "analogous": "yellow"}.get(feature.verdict, "dim")
+        verdict = Text(feature.verdict, style=style)
+        if feature.verdict_confidence:
+            verdict.append(f" ({feature.verdict_confidence} confidence)", style="dim")
+        rows.append(("verdict", verdict))
+    if feature.verdict_reason:
+        rows.append(("evidence", feature.verdict_reason))
+    if feature.kl_own is not None:
+        rows.append(("steer KL", f"own model {feature.kl_own:.3f}, other (mapped) {feature.kl_other:.3f} nats"))
+    return rows
 
 
 def histogram_text(feature: Feature, width: int = 48) -> Text:
