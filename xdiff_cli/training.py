@@ -201,7 +201,9 @@ class TrainConfig:
     dead_window_tokens: int | None = None  # None: min(10M, 5% of the tokens seen in training)
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
-    sparse_decode: bool = True  # decode only the k active rows (embedding_bag) instead of dense
+    # True: the optimised step (xdiff_cli/sparse_step.py: sparse encoder backward, pre-filtered
+    # top-k, sparse decoder); False: the plain dense step it is tested and benchmarked against.
+    sparse_decode: bool = True
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -363,16 +365,39 @@ class StepOutput:
 
 
 def training_forward(
-    model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, k: float, dead_F: torch.Tensor, tc: TrainConfig
+    model: Crosscoder,
+    x_NA: torch.Tensor,
+    x_NB: torch.Tensor,
+    k: float,
+    dead_F: torch.Tensor,
+    tc: TrainConfig,
+    sync_free: bool | None = None,
 ) -> StepOutput:
-    """One forward pass with BatchTopK and the full loss."""
-    acts_NF = model.pre_activations(x_NA, x_NB).float()
-    if tc.sparse_decode:
+    """One forward pass with BatchTopK and the full loss.
+
+    `tc.sparse_decode` (the default) takes the optimised route (xdiff_cli/sparse_step.py:
+    sparse encoder backward, pre-filtered top-k, AuxK over the dead columns only, sparse
+    decoder); False takes the plain dense route, the reference the optimised one must equal.
+    `sync_free` (default: on CUDA) picks the optimised route's fixed-size variant."""
+    k_aux = tc.k_aux if tc.k_aux is not None else min(512, (model.cfg.d_a + model.cfg.d_b) // 4)
+    fast = None
+    if tc.sparse_decode and tc.aux_form == "joint":
+        from xdiff_cli.sparse_step import sparse_forward
+
+        if sync_free is None:
+            sync_free = x_NA.device.type == "cuda"
+        fast = sparse_forward(model, x_NA, x_NB, k, dead_F, k_aux, sync_free=sync_free)
+        xhat_NA, xhat_NB, fired_F, n_active, min_kept = (
+            fast.xhat_NA, fast.xhat_NB, fast.fired_F, fast.n_active, fast.min_kept
+        )
+    elif tc.sparse_decode:
+        acts_NF = model.pre_activations(x_NA, x_NB).float()
         sparse, min_kept = model.batch_topk_sparse(acts_NF, k)
         xhat_NA, xhat_NB = model.decode_sparse(sparse)
         fired_F = _fired(sparse)
         n_active = (sparse.value_K > 0).sum()
     else:
+        acts_NF = model.pre_activations(x_NA, x_NB).float()
         f_NF, min_kept = model.batch_topk(acts_NF, k)
         xhat_NA, xhat_NB = model.decode(f_NF)
         fired_F = (f_NF > 0).any(0)
@@ -388,8 +413,11 @@ def training_forward(
         recon = (norm_err_a.mean() + norm_err_b.mean()) / 2
     else:
         recon = (sq_err_a + sq_err_b) / N
-    k_aux = tc.k_aux if tc.k_aux is not None else min(512, (model.cfg.d_a + model.cfg.d_b) // 4)
-    if tc.aux_form == "joint":
+    if fast is not None:
+        from xdiff_cli.sparse_step import aux_joint_from_picks
+
+        aux = aux_joint_from_picks(model, fast, resid_NA, resid_NB)
+    elif tc.aux_form == "joint":
         aux = aux_k_joint(model, acts_NF, resid_NA, resid_NB, dead_F, k_aux)
     else:
         aux_a, aux_b = aux_k_losses(model, acts_NF, resid_NA, resid_NB, dead_F, k_aux)
