@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from xdiff_cli.analysis import AnalysisConfig, analyze
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.store import Shard
+from xdiff_cli.data.store import Shard
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.findings.analysis import AnalysisConfig, analyze
 
 
 class SyntheticSplit:

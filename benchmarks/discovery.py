@@ -1,6 +1,6 @@
 """Discovery on planted pairs: do the planted differences come out, on the right side?
 
-Two offline pairs (xdiff_cli/tiny.py):
+Two offline pairs (xdiff_cli/models/tiny.py):
 - `ctx`  (default): llama-ctx (A) vs qwen3-ctx (B) on a contextual corpus. Five planted
   concepts: topic_a (carried forward by an attention head of A only), topic_b (B only),
   animals (a B-only direction on animal tokens), topic_shared and colors (both models).
@@ -87,12 +87,12 @@ PAIRS = {
 
 def harvest_pair(pair: str, spec: PairSpec, root: Path):  # noqa: ANN201
     """Build the pair, write its corpus, harvest once (reused across runs of this script)."""
-    from xdiff_cli.harvest import harvest_run
-    from xdiff_cli.loading import load_model
-    from xdiff_cli.runs import Run, list_runs
-    from xdiff_cli.settings import RunSettings
-    from xdiff_cli.store import ActivationStore
-    from xdiff_cli.tiny import build_tiny_models, write_contextual_corpus_jsonl, write_corpus_jsonl
+    from xdiff_cli.data.harvest import harvest_run
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.models.loading import load_model
+    from xdiff_cli.models.tiny import build_tiny_models, write_contextual_corpus_jsonl, write_corpus_jsonl
+    from xdiff_cli.run.runs import Run, list_runs
+    from xdiff_cli.run.settings import RunSettings
 
     os.environ["XDIFF_HOME"] = str(root / "home")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -120,7 +120,7 @@ def harvest_pair(pair: str, spec: PairSpec, root: Path):  # noqa: ANN201
 
 def concept_labels(store, split, concepts) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """Per held-out token pair, whether it lies on each planted concept."""
-    from xdiff_cli.tiny import ANIMALS, COLORS, CONTEXTUAL, topic_spans
+    from xdiff_cli.models.tiny import ANIMALS, COLORS, CONTEXTUAL, topic_spans
 
     words = {"animals": set(ANIMALS), "colors": set(COLORS)}
     labels = {c: [] for c in concepts}
@@ -208,10 +208,10 @@ def score(features: list[dict], total, on, fires_on) -> dict:  # noqa: ANN001
 
 
 def train_and_score(store, split_labels, spec: PairSpec, arch: str, seed: int, recipe: dict, workdir: Path) -> dict:  # noqa: ANN001
-    from xdiff_cli.analysis import AnalysisConfig, analyze
-    from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-    from xdiff_cli.feature_index import FeatureIndex
-    from xdiff_cli.training import TrainConfig, train
+    from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+    from xdiff_cli.dfc.training import TrainConfig, train
+    from xdiff_cli.findings.analysis import AnalysisConfig, analyze
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     recipe = dict(recipe)
     cc_extra = recipe.pop("cc", {})

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from xdiff_cli.alignment import align
-from xdiff_cli.corpus import iter_documents
-from xdiff_cli.harvest import _batched, encode_documents, harvest, layer_activations
-from xdiff_cli.loading import load_model
-from xdiff_cli.tiny import TINY_SPECS, build_tiny_models, build_tokenizer
+from xdiff_cli.data.alignment import align
+from xdiff_cli.data.corpus import iter_documents
+from xdiff_cli.data.harvest import _batched, encode_documents, harvest, layer_activations
+from xdiff_cli.models.loading import load_model
+from xdiff_cli.models.tiny import TINY_SPECS, build_tiny_models, build_tokenizer
 
 
 def build_random_model(kind: str, out_dir: Path, hidden: int, layers: int) -> Path:

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from xdiff_cli import label as lb
-from xdiff_cli.feature_index import FeatureIndex
-from xdiff_cli.runs import Run, resolve_run
+from xdiff_cli.findings import label as lb
+from xdiff_cli.findings.feature_index import FeatureIndex
+from xdiff_cli.run.runs import Run, resolve_run
 
 
 def copy_run(run: Run, target: Path) -> Run:

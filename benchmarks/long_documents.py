@@ -26,8 +26,9 @@ import json, resource, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from xdiff_cli import corpus, harvest as hv
-from xdiff_cli.loading import load_model
+from xdiff_cli.data import corpus
+from xdiff_cli.data import harvest as hv
+from xdiff_cli.models.loading import load_model
 
 tiny, corpus_path, out, mode = sys.argv[1:5]
 if mode == "baseline":  # the pre-fix behaviour: whole lines, whole documents
@@ -67,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=19.0, help="size of the huge line in MB")
     args = parser.parse_args()
-    from xdiff_cli.tiny import build_tiny_models
+    from xdiff_cli.models.tiny import build_tiny_models
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

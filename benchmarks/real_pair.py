@@ -28,9 +28,9 @@ import resource
 import sys
 import time
 
-from xdiff_cli import pipeline
-from xdiff_cli.runs import Run
-from xdiff_cli.stages import STAGE_NAMES as STAGES
+from xdiff_cli.run import pipeline
+from xdiff_cli.run.runs import Run
+from xdiff_cli.run.stages import STAGE_NAMES as STAGES
 
 
 def raw(run: Run) -> dict:
@@ -47,8 +47,8 @@ def rss_gib() -> float:
 
 def estimates(run: Run) -> dict[str, float | None]:
     """The plan's per-stage estimates for this run's settings (what `xdiff run` printed)."""
-    from xdiff_cli.hardware import Hardware
-    from xdiff_cli.plan import ResolvedSettings, make_plan
+    from xdiff_cli.run.hardware import Hardware
+    from xdiff_cli.run.plan import ResolvedSettings, make_plan
 
     recorded = raw(run).get("hardware") or {}
     hardware = Hardware(**recorded) if recorded else None  # the CPU rate measured when it planned
@@ -57,8 +57,8 @@ def estimates(run: Run) -> dict[str, float | None]:
 
 
 def run_benchmark(args: argparse.Namespace) -> tuple[Run, dict[str, float], float]:
-    from xdiff_cli import plan as planning
-    from xdiff_cli import stages
+    from xdiff_cli.run import plan as planning
+    from xdiff_cli.run import stages
 
     options = {"tokens": args.tokens} if args.tokens else {}
     resolved = planning.resolve_settings(None, None, preset_name="smol-gemma", options=options)
@@ -95,7 +95,7 @@ def times_from_marks(run: Run, started: str | None) -> dict[str, float]:
 
 
 def exclusive_report(run: Run, n_top: int = 5, n_examples: int = 3) -> dict:
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     index = FeatureIndex.open(run.analysis_path)
     try:

@@ -30,12 +30,12 @@ from pathlib import Path
 def _worker(out: Path, workdir: Path, threads: int, steps: int) -> None:
     import torch
 
-    from xdiff_cli import distributed
-    from xdiff_cli.crosscoder import CrosscoderConfig
-    from xdiff_cli.harvest import harvest
-    from xdiff_cli.loading import load_model
-    from xdiff_cli.parts import Part, merge_parts
-    from xdiff_cli.training import InMemorySource, TrainConfig, Trainer
+    from xdiff_cli.data.harvest import harvest
+    from xdiff_cli.data.parts import Part, merge_parts
+    from xdiff_cli.dfc import distributed
+    from xdiff_cli.dfc.crosscoder import CrosscoderConfig
+    from xdiff_cli.dfc.training import InMemorySource, TrainConfig, Trainer
+    from xdiff_cli.models.loading import load_model
 
     torch.set_num_threads(threads)
     dist = distributed.init_from_env(cuda=False)
@@ -94,7 +94,7 @@ def main() -> None:
     if args.worker:
         _worker(Path(args.worker[0]), Path(args.worker[1]), int(args.worker[2]), args.steps)
         return
-    from xdiff_cli.tiny import build_tiny_models, write_corpus_jsonl
+    from xdiff_cli.models.tiny import build_tiny_models, write_corpus_jsonl
 
     workdir = Path(tempfile.mkdtemp(prefix="xdiff-scaleout-"))
     models = build_tiny_models(workdir / "models")

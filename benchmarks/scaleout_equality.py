@@ -22,9 +22,9 @@ from pathlib import Path
 def _train(out: Path, steps: int) -> None:
     import torch
 
-    from xdiff_cli import distributed
-    from xdiff_cli.crosscoder import CrosscoderConfig
-    from xdiff_cli.training import InMemorySource, TrainConfig, train
+    from xdiff_cli.dfc import distributed
+    from xdiff_cli.dfc.crosscoder import CrosscoderConfig
+    from xdiff_cli.dfc.training import InMemorySource, TrainConfig, train
 
     torch.set_num_threads(1)
     distributed.init_from_env(cuda=False)

@@ -1,7 +1,7 @@
 """The DFC paper's toy benchmark: does the DFC recover more exclusive concepts than a
 standard crosscoder trained on the same synthetic activations?
 
-Ground truth and scoring are in `xdiff_cli/toy.py` (DESIGN.md §2, "Toy benchmark"). Both
+Ground truth and scoring are in `xdiff_cli/dfc/toy.py` (DESIGN.md §2, "Toy benchmark"). Both
 crosscoders see the same samples in the same order (same seed) and the same settings; only
 the architecture differs. Exclusive labels: the DFC's blocks; for the standard crosscoder
 the relative decoder norm (R > 0.8 → A, R < 0.2 → B).
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.toy import Recovery, ToyConfig, ToyWorld, score_recovery, toy_source
-from xdiff_cli.training import TrainConfig, train
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.toy import Recovery, ToyConfig, ToyWorld, score_recovery, toy_source
+from xdiff_cli.dfc.training import TrainConfig, train
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Two trainers with the same seed, data, loss (unsquared L2 + joint AuxK) and optimizer; the
 only difference is `TrainConfig.sparse_decode`: False is the plain dense step (dense [N, F]
 batch top-k mask, dense decoder matmul, dense AuxK ranking, dense autograd through the
-encoder), True the optimised one (xdiff_cli/sparse_step.py). They run in interleaved rounds
+encoder), True the optimised one (xdiff_cli/dfc/sparse_step.py). They run in interleaved rounds
 (dense, optimised, dense, ...) and each reports its best round, because the machine is
 shared; after the same steps their losses must agree (`loss_rel_diff`).
 
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from xdiff_cli.crosscoder import CrosscoderConfig
-from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, resolve_device
+from xdiff_cli.dfc.crosscoder import CrosscoderConfig
+from xdiff_cli.dfc.training import InMemorySource, TrainConfig, Trainer, resolve_device
 
 SIZES = {  # name: (d_a, d_b, dict_size, k, batch)
     "main": (256, 256, 8192, 32, 1024),
@@ -125,8 +125,8 @@ def _best_ms(fn, repeats: int) -> float:  # noqa: ANN001
 
 def time_pieces(args: argparse.Namespace) -> None:
     """The step's pieces at the main size, each old form against its replacement (CPU)."""
-    from xdiff_cli.crosscoder import Crosscoder
-    from xdiff_cli.sparse_step import encoder_preacts, select_aux, select_batch_topk
+    from xdiff_cli.dfc.crosscoder import Crosscoder
+    from xdiff_cli.dfc.sparse_step import encoder_preacts, select_aux, select_batch_topk
 
     d_a, d_b, dict_size, k, batch = SIZES["main"]
     torch.manual_seed(0)

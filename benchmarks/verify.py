@@ -38,9 +38,9 @@ def synthetic(tokens: int, dict_size: int, width: int, k: int = 32) -> None:
 
     import torch
 
-    from xdiff_cli.analysis import AnalysisConfig, analyze
-    from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-    from xdiff_cli.verify import VerifyConfig, verify
+    from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+    from xdiff_cli.findings.analysis import AnalysisConfig, analyze
+    from xdiff_cli.findings.verify import VerifyConfig, verify
 
     spec = importlib.util.spec_from_file_location("bench_analysis", Path(__file__).with_name("analysis.py"))
     bench = importlib.util.module_from_spec(spec)
@@ -84,12 +84,12 @@ def main() -> None:
 
     from typer.testing import CliRunner
 
-    from xdiff_cli.analysis import analyze_run
     from xdiff_cli.cli import app
-    from xdiff_cli.feature_index import FeatureIndex
-    from xdiff_cli.runs import resolve_run
-    from xdiff_cli.tiny import ANIMALS, COLORS
-    from xdiff_cli.verify import verify_run
+    from xdiff_cli.findings.analysis import analyze_run
+    from xdiff_cli.findings.feature_index import FeatureIndex
+    from xdiff_cli.findings.verify import verify_run
+    from xdiff_cli.models.tiny import ANIMALS, COLORS
+    from xdiff_cli.run.runs import resolve_run
 
     started = time.perf_counter()
     result = CliRunner().invoke(app, ["run", "--preset", args.preset, "--name", args.name])

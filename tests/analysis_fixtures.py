@@ -10,8 +10,8 @@ import random
 
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.store import Shard
+from xdiff_cli.data.store import Shard
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
 
 ANIMALS = ("cat", "dog", "horse", "tiger", "rabbit", "eagle")
 COLORS = ("red", "blue", "green")
@@ -116,9 +116,9 @@ def hand_built_crosscoder(d_a: int = D_A, d_b: int = D_B) -> Crosscoder:
 
 def make_analysed_run(name: str = "fake-run", *, analysed: bool = True, models: dict | None = None):
     """A run directory (under $XDIFF_HOME) whose analysis.sqlite comes from the fake store."""
-    from xdiff_cli.analysis import AnalysisConfig, analyze
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.findings.analysis import AnalysisConfig, analyze
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
 
     run = Run.create(RunSettings(model_a="org/model-a", model_b="org/model-b", dict_size=20, k=2), name=name)
     run.set_model("a", (models or {}).get("a", {"spec": "org/model-a", "revision": "abc123", "layer": 2}))

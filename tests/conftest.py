@@ -1,6 +1,6 @@
 """Shared fixtures: an isolated XDIFF_HOME per test and tiny real-architecture models.
 
-Tiny models are built once per session, offline (see `xdiff_cli/tiny.py`): a Llama-style,
+Tiny models are built once per session, offline (see `xdiff_cli/models/tiny.py`): a Llama-style,
 a Qwen3-style and a GPT-OSS-style causal LM, each with its own byte-level BPE tokenizer.
 """
 
@@ -39,7 +39,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{'llama': dir, 'qwen3': dir, 'gptoss': dir} — saved tiny models with planted concepts."""
-    from xdiff_cli.tiny import build_tiny_models
+    from xdiff_cli.models.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -47,7 +47,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small mixed .jsonl corpus (web-like text + chats) over the tiny models' vocabulary."""
-    from xdiff_cli.tiny import write_corpus_jsonl
+    from xdiff_cli.models.tiny import write_corpus_jsonl
 
     return write_corpus_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", n_docs=300, n_chats=60)
 
@@ -59,7 +59,7 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A running `tests/fakehub.FakeHub`, with this process pointed at it.
 
-    The endpoint, cache and offline flag are read by `xdiff_cli.hub` at call time; the offline
+    The endpoint, cache and offline flag are read by `xdiff_cli.models.hub` at call time; the offline
     flag huggingface_hub froze at import is reset here too. `hub.add_repo(id, dir)` serves a
     model directory; `fetch_model(id)` then downloads it through the real huggingface_hub code.
     """

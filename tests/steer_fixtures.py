@@ -39,10 +39,10 @@ def make_steerable_run(tiny_models: dict[str, Path], tmp_path: Path, *, analysed
     """A Run over the tiny llama (A) / qwen3 (B) pair with crosscoder, analysis and manifest."""
     import torch
 
-    from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-    from xdiff_cli.feature_index import FeatureIndexWriter
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+    from xdiff_cli.findings.feature_index import FeatureIndexWriter
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
 
     llama, qwen = tiny_models["llama"], tiny_models["qwen3"]
     run = Run.create(RunSettings(model_a=str(llama), model_b=str(qwen), device="cpu", quant="none"))

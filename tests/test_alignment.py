@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xdiff_cli.alignment import align, align_by_windows, token_bytes, token_spans
-from xdiff_cli.corpus import Document, render_document
+from xdiff_cli.data.alignment import align, align_by_windows, token_bytes, token_spans
+from xdiff_cli.data.corpus import Document, render_document
 
 HARD_TEXTS = {
     "cjk": "東京は大きな都市です。今日はいい天気ですね",

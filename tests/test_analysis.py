@@ -11,8 +11,8 @@ import pytest
 import torch
 from analysis_fixtures import ANIMALS, COLORS, D_A, D_B, SPLIT_WORD, FakeStore, hand_built_crosscoder
 
-from xdiff_cli.analysis import AnalysisConfig, analyze, capped_topk, frequency_band
-from xdiff_cli.feature_index import FeatureIndex
+from xdiff_cli.findings.analysis import AnalysisConfig, analyze, capped_topk, frequency_band
+from xdiff_cli.findings.feature_index import FeatureIndex
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
-from xdiff_cli.tiny import ANIMALS, COLORS
+from xdiff_cli.models.tiny import ANIMALS, COLORS
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def distinct(feature: dict, words) -> set[str]:  # noqa: ANN001
 def test_planted_concepts_end_to_end(analysed_tiny_run, monkeypatch):  # noqa: ANN001
     home, run_id = analysed_tiny_run
     monkeypatch.setenv("XDIFF_HOME", str(home))
-    from xdiff_cli.runs import load_run
+    from xdiff_cli.run.runs import load_run
 
     run = load_run(run_id)
     # Made by `xdiff harvest`, `xdiff train`, `xdiff analyze` alone: the run is complete.
@@ -80,7 +80,7 @@ def test_planted_concepts_end_to_end(analysed_tiny_run, monkeypatch):  # noqa: A
     assert shared_colour, "no shared feature covers the colour concept"
 
     # 3. Idempotent: a second analyse reuses the index.
-    from xdiff_cli.analysis import analyze_run
+    from xdiff_cli.findings.analysis import analyze_run
 
     mtime = run.analysis_path.stat().st_mtime_ns
     assert analyze_run(load_run(run.id), progress=False) == run.analysis_path
@@ -92,7 +92,7 @@ def test_exclusive_blocks_stay_alive_and_their_dead_share_is_reported(analysed_t
     live, and the dead share of each block is reported (run metrics and `xdiff features`)."""
     home, run_id = analysed_tiny_run
     monkeypatch.setenv("XDIFF_HOME", str(home))
-    from xdiff_cli.runs import load_run
+    from xdiff_cli.run.runs import load_run
 
     metrics = load_run(run_id).metrics
     for key in ("dead_a", "dead_b", "dead_shared", "eval_dead_a", "eval_dead_b", "eval_dead_shared"):

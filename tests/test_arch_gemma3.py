@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from xdiff_cli.arch import ArchAdapter
-from xdiff_cli.harvest import layer_activations
-from xdiff_cli.steering import steer
+from xdiff_cli.data.harvest import layer_activations
+from xdiff_cli.findings.steering import steer
+from xdiff_cli.models.arch import ArchAdapter
 
 
 @pytest.fixture(scope="module")

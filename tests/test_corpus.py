@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from xdiff_cli.corpus import MESSAGE_SEPARATOR, check_corpus, iter_documents, render_chat
+from xdiff_cli.data.corpus import MESSAGE_SEPARATOR, check_corpus, iter_documents, render_chat
 from xdiff_cli.errors import XdiffError
 
 

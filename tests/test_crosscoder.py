@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.training import InMemorySource, TrainConfig, Trainer, aux_k_losses
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, aux_k_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

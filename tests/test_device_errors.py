@@ -23,7 +23,7 @@ def test_run_with_device_cuda_and_no_gpu_is_a_user_error():
 
 
 def test_planner_memory_probe_refuses_cuda_without_a_gpu():
-    from xdiff_cli.planner import available_memory
+    from xdiff_cli.models.planner import available_memory
 
     with pytest.raises(XdiffError, match="no CUDA GPU"):
         available_memory("cuda")

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, aux_k_joint, training_forward
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.training import InMemorySource, TrainConfig, Trainer, aux_k_joint, training_forward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -144,7 +144,7 @@ def test_balanced_init_gives_exclusive_rows_the_ranking_norm_of_a_shared_row() -
 def test_training_log_and_result_report_the_dead_share_of_each_block(tmp_path) -> None:  # noqa: ANN001
     import json
 
-    from xdiff_cli.training import train
+    from xdiff_cli.dfc.training import train
 
     cc = CrosscoderConfig(d_a=12, d_b=20, dict_size=80, k=4, exclusive_frac=0.1)
     tc = TrainConfig(steps=6, batch_size=128, lr=1e-3, device="cpu", log_every=3, checkpoint_every=6)
@@ -201,7 +201,7 @@ class _PunctuationStore:
     def __init__(self) -> None:
         import random
 
-        from xdiff_cli.store import Shard
+        from xdiff_cli.data.store import Shard
 
         rng = random.Random(0)
         self.texts, rows = [], []
@@ -241,8 +241,8 @@ class _PunctuationStore:
 
 
 def test_punctuation_features_are_labelled_artifacts_and_ranked_after_real_candidates(tmp_path) -> None:  # noqa: ANN001
-    from xdiff_cli.analysis import AnalysisConfig, analyze
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.analysis import AnalysisConfig, analyze
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     cc = Crosscoder(CrosscoderConfig(d_a=3, d_b=3, dict_size=20, k=2, exclusive_frac=0.05))
     with torch.no_grad():
@@ -266,7 +266,7 @@ def test_punctuation_features_are_labelled_artifacts_and_ranked_after_real_candi
 
 
 def test_junk_word_types_and_document_positions() -> None:
-    from xdiff_cli.analysis import is_junk_type, positions_in_doc
+    from xdiff_cli.findings.analysis import is_junk_type, positions_in_doc
 
     assert all(is_junk_type(w) for w in ("", ".", "...", ",\"", "<|im_start|>", "—", "🙂"))
     assert not any(is_junk_type(w) for w in ("cat", "1989", "don't", "東京"))

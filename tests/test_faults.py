@@ -22,9 +22,11 @@ import torch
 from test_training import CC, _harvested_run, _source, _tc
 from typer.testing import CliRunner
 
-from xdiff_cli import atomic, stages
+from xdiff_cli import atomic
 from xdiff_cli.cli import app
-from xdiff_cli.crosscoder import Crosscoder
+from xdiff_cli.data.store import ActivationStore, Shard, StoreWriter
+from xdiff_cli.dfc.crosscoder import Crosscoder
+from xdiff_cli.dfc.training import checkpoint_dirs, train, train_run
 from xdiff_cli.errors import XdiffError
 from xdiff_cli.integrity import (
     analysis_problem,
@@ -33,8 +35,7 @@ from xdiff_cli.integrity import (
     stage_problem,
     store_problem,
 )
-from xdiff_cli.store import ActivationStore, Shard, StoreWriter
-from xdiff_cli.training import checkpoint_dirs, train, train_run
+from xdiff_cli.run import stages
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -226,7 +227,7 @@ def test_killed_inside_a_checkpoint_write_resumes_to_the_same_model(tmp_path):
         import torch
         torch.set_num_threads(1)  # the same reduction order as the in-process runs it is compared with
         from test_training import CC, _source, _tc
-        from xdiff_cli.training import train
+        from xdiff_cli.dfc.training import train
         real = st.save_file
         calls = []
         def save_then_die(tensors, path, *a, **k):
@@ -262,9 +263,9 @@ def test_xdiff_run_redoes_a_done_stage_whose_output_was_damaged(monkeypatch, cap
         run.mark_stage(stage, "done")
     truncate(run.crosscoder_dir / "final" / "model.safetensors")
     ran = []
-    monkeypatch.setattr("xdiff_cli.training.train_stage", lambda r, ctx: ran.append("train") or train_run(r, False))
-    monkeypatch.setattr("xdiff_cli.analysis.analyze_stage", lambda r, ctx: ran.append("analyze"))
-    monkeypatch.setattr("xdiff_cli.verify.verify_stage", lambda r, ctx: ran.append("verify"))
+    monkeypatch.setattr("xdiff_cli.dfc.training.train_stage", lambda r, ctx: ran.append("train") or train_run(r, False))
+    monkeypatch.setattr("xdiff_cli.findings.analysis.analyze_stage", lambda r, ctx: ran.append("analyze"))
+    monkeypatch.setattr("xdiff_cli.findings.verify.verify_stage", lambda r, ctx: ran.append("verify"))
     assert stage_problem(run, "train") is not None
     stages.run_stages(run, stages.StageContext(progress=False))
     assert ran == ["train", "analyze", "verify"]
@@ -288,7 +289,7 @@ def corrupt_middle_pages(path: Path) -> None:
 def test_sqlite_with_corrupt_middle_pages_is_not_called_complete_and_cli_says_one_line():
     from analysis_fixtures import make_analysed_run
 
-    from xdiff_cli.analysis import analysis_is_valid
+    from xdiff_cli.findings.analysis import analysis_is_valid
 
     run = make_analysed_run()
     assert analysis_problem(run.analysis_path) is None
@@ -364,7 +365,7 @@ def test_a_real_file_size_limit_during_a_shard_write_is_the_disk_full_error(tmp_
     script = textwrap.dedent(f"""
         import resource, signal, torch
         from xdiff_cli.errors import XdiffError
-        from xdiff_cli.store import Shard, StoreWriter
+        from xdiff_cli.data.store import Shard, StoreWriter
         writer = StoreWriter.open_or_create({str(tmp_path / "store")!r}, {{"model_a": "a", "model_b": "b"}})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
@@ -387,7 +388,7 @@ def test_a_real_file_size_limit_during_a_shard_write_is_the_disk_full_error(tmp_
 
 @pytest.mark.parametrize("content", ["", "   \n\t\n  \n"])
 def test_empty_or_whitespace_corpus_is_one_line(tmp_path, content):
-    from xdiff_cli.corpus import check_corpus
+    from xdiff_cli.data.corpus import check_corpus
 
     corpus = tmp_path / "empty.txt"
     corpus.write_text(content)
@@ -407,7 +408,7 @@ def test_small_disk_sizes_are_not_printed_as_zero_gigabytes(tmp_path, monkeypatc
     import shutil
 
     from xdiff_cli import paths
-    from xdiff_cli.formatting import format_bytes
+    from xdiff_cli.run.formatting import format_bytes
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=512))
     with pytest.raises(XdiffError) as info:
@@ -417,7 +418,7 @@ def test_small_disk_sizes_are_not_printed_as_zero_gigabytes(tmp_path, monkeypatc
 
 
 def test_custom_code_error_names_the_repo_not_the_snapshot(tmp_path):
-    from xdiff_cli.loading import inspect_model_dir
+    from xdiff_cli.models.loading import inspect_model_dir
 
     snapshot = tmp_path / "models--acme--odd-lm" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     snapshot.mkdir(parents=True)
@@ -440,13 +441,13 @@ def test_safetensors_header_check_catches_a_cut_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_models):
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     return tuple(load_model(tiny_models[name], device="cpu") for name in ("llama", "gptoss"))
 
 
 def test_non_finite_activations_stop_the_harvest_with_one_line(tiny_pair, tmp_path, monkeypatch):
-    from xdiff_cli import harvest as harvest_module
+    from xdiff_cli.data import harvest as harvest_module
 
     real = harvest_module.layer_activations
 
@@ -460,8 +461,8 @@ def test_non_finite_activations_stop_the_harvest_with_one_line(tiny_pair, tmp_pa
 
 
 def test_a_huge_line_is_read_tokenized_and_stored_only_up_to_its_window(tiny_pair, tmp_path):
-    from xdiff_cli.corpus import iter_documents
-    from xdiff_cli.harvest import harvest, window_chars
+    from xdiff_cli.data.corpus import iter_documents
+    from xdiff_cli.data.harvest import harvest, window_chars
 
     corpus = tmp_path / "corpus.txt"
     normal = "the blue cat saw a small red box near the river and then the dog ran home\n"

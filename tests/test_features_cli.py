@@ -9,7 +9,7 @@ from analysis_fixtures import ANIMALS, make_analysed_run
 from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
-from xdiff_cli.feature_index import Example, FeatureIndex
+from xdiff_cli.findings.feature_index import Example, FeatureIndex
 
 runner = CliRunner()
 

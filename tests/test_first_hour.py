@@ -18,7 +18,7 @@ from analysis_fixtures import make_analysed_run
 from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
-from xdiff_cli.feature_index import FeatureIndex, FeatureIndexWriter
+from xdiff_cli.findings.feature_index import FeatureIndex, FeatureIndexWriter
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_features_table_at_80_columns_keeps_every_number_and_shrinks_the_example
 
 
 def test_frequency_is_formatted_for_its_range():
-    from xdiff_cli.feature_columns import format_frequency
+    from xdiff_cli.findings.feature_columns import format_frequency
 
     assert [format_frequency(f) for f in (0.0, 2.1e-5, 0.0042, 0.334)] == ["0", "<.01%", "0.42%", "33.4%"]
 
@@ -79,7 +79,7 @@ def test_features_says_how_many_features_of_each_block_are_live():
 
 
 def test_why_column_explains_the_rank():
-    from xdiff_cli.feature_columns import why
+    from xdiff_cli.findings.feature_columns import why
 
     run = make_analysed_run()
     index = FeatureIndex.open(run.analysis_path)
@@ -146,7 +146,7 @@ def test_plan_for_a_preset_pair_answers_offline():
 
 
 def test_dry_run_of_the_paper_pair_on_cpu_warns_it_is_not_feasible_with_an_estimate(monkeypatch):
-    from xdiff_cli import hardware
+    from xdiff_cli.run import hardware
 
     monkeypatch.setattr(hardware, "detect_hardware", lambda: hardware.Hardware("cpu", 2))
     result = invoke("run", "--preset", "llama3-qwen3", "--dry-run", columns=200)
@@ -328,7 +328,7 @@ def test_json_contract_is_documented_in_the_repository():
 def test_weaker_firings_are_sampled_per_activation_band():
     from analysis_fixtures import ANIMALS, FakeStore, hand_built_crosscoder
 
-    from xdiff_cli.quantile_examples import quantile_examples
+    from xdiff_cli.findings.quantile_examples import quantile_examples
 
     run = make_analysed_run()
     index = FeatureIndex.open(run.analysis_path)
@@ -349,7 +349,7 @@ def test_weaker_firings_are_sampled_per_activation_band():
 
 def test_run_summary_shows_live_counts_per_block(capsys):
     from xdiff_cli.commands.run import print_summary
-    from xdiff_cli.pipeline import summarize
+    from xdiff_cli.run.pipeline import summarize
 
     run = make_analysed_run()
     print_summary(summarize(run))

@@ -15,7 +15,7 @@ from xdiff_cli import paths
 from xdiff_cli.atomic import read_json, write_json
 from xdiff_cli.cli import app
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.settings import RunSettings
+from xdiff_cli.run.settings import RunSettings
 
 runner = CliRunner()
 

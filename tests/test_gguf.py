@@ -1,4 +1,4 @@
-"""GGUF files, Ollama stores and GGUF wheels as model inputs (xdiff_cli/ggufmodels.py).
+"""GGUF files, Ollama stores and GGUF wheels as model inputs (xdiff_cli/models/ggufmodels.py).
 
 The GGUF here is the shared tiny Llama, written offline with the `gguf` package's writer."""
 
@@ -13,8 +13,8 @@ import pytest
 from gguf_fixtures import write_llama_gguf
 from typer.testing import CliRunner
 
-from xdiff_cli import ggufmodels
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.models import ggufmodels
 
 pytest.importorskip("gguf")
 
@@ -33,7 +33,7 @@ def _one_line_error(result) -> str:
 def test_gguf_converts_once_to_the_same_model_and_is_reused(tiny_gguf, tiny_models, xdiff_home, monkeypatch):
     import torch
 
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     first = ggufmodels.convert(str(tiny_gguf), progress=False)
     assert first.converted_now and first.path.is_relative_to(xdiff_home / "cache" / "gguf")
@@ -57,7 +57,7 @@ def test_gguf_converts_once_to_the_same_model_and_is_reused(tiny_gguf, tiny_mode
 
 
 def test_plan_reads_the_gguf_header_without_converting(tiny_gguf, tiny_models, xdiff_home):
-    from xdiff_cli.pull import model_facts
+    from xdiff_cli.models.pull import model_facts
 
     facts = model_facts(str(tiny_gguf))
     assert (facts.d_model, facts.n_layers) == (64, 4)
@@ -77,7 +77,7 @@ def _tensors(model_dir: Path) -> dict:
 
 def test_gguf_harvests_like_a_model_directory(tiny_gguf, tiny_models, xdiff_home):
     from xdiff_cli.cli import app
-    from xdiff_cli.store import ActivationStore
+    from xdiff_cli.data.store import ActivationStore
 
     result = CliRunner().invoke(
         app, ["harvest", str(tiny_gguf), str(tiny_models["qwen3"]), "--tokens", "200", "--name", "g",
@@ -194,8 +194,8 @@ def test_pypi_model_package_not_installed_says_how_to_install():
 
 
 def test_plan_counts_a_gguf_conversion_only_until_it_is_cached(tiny_gguf, tiny_models, monkeypatch):
-    from xdiff_cli import plan as pipeline
-    from xdiff_cli.hardware import Hardware
+    from xdiff_cli.run import plan as pipeline
+    from xdiff_cli.run.hardware import Hardware
 
     pipeline.Hardware = Hardware
     monkeypatch.setenv("XDIFF_CPU_FLOPS", "5e10")
@@ -209,8 +209,8 @@ def test_plan_counts_a_gguf_conversion_only_until_it_is_cached(tiny_gguf, tiny_m
 
 
 def test_estimates_scale_with_the_measured_cpu_speed(tiny_models):
-    from xdiff_cli import plan as pipeline
-    from xdiff_cli.hardware import Hardware
+    from xdiff_cli.run import plan as pipeline
+    from xdiff_cli.run.hardware import Hardware
 
     pipeline.Hardware = Hardware
 
@@ -223,7 +223,7 @@ def test_estimates_scale_with_the_measured_cpu_speed(tiny_models):
 
 
 def test_builtin_prose_is_real_prose_and_mixes_with_chat_data(tmp_path):
-    from xdiff_cli.corpus import check_corpus, iter_documents
+    from xdiff_cli.data.corpus import check_corpus, iter_documents
 
     check_corpus("builtin:prose")
     chats = tmp_path / "chats.jsonl"

@@ -9,10 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from xdiff_cli import harvest as harvest_module
-from xdiff_cli.corpus import Document, iter_documents
-from xdiff_cli.errors import XdiffError
-from xdiff_cli.harvest import (
+from xdiff_cli.data import harvest as harvest_module
+from xdiff_cli.data.corpus import Document, iter_documents
+from xdiff_cli.data.harvest import (
     encode_documents,
     harvest,
     harvest_run,
@@ -20,12 +19,13 @@ from xdiff_cli.harvest import (
     normalisation_scale,
     outlier_mask,
 )
-from xdiff_cli.store import ActivationStore, estimate_bytes
+from xdiff_cli.data.store import ActivationStore, estimate_bytes
+from xdiff_cli.errors import XdiffError
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models):
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     return {name: load_model(path, device="cpu") for name, path in tiny_models.items()}
 
@@ -150,7 +150,7 @@ def test_store_for_other_layers_is_refused(harvested, models):
 
 
 def test_interrupted_harvest_resumes_after_last_complete_shard(models, tmp_path, monkeypatch, harvested):
-    from xdiff_cli.store import StoreWriter
+    from xdiff_cli.data.store import StoreWriter
 
     real_write = StoreWriter.write_shard
     calls = []
@@ -198,8 +198,8 @@ def test_chat_documents_align_only_message_content(models, tmp_path):
 
 
 def test_harvest_run_records_metrics(models, xdiff_home):
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
 
     settings = RunSettings(model_a="tiny-a", model_b="tiny-b", tokens=300, harvest_batch_size=8)
     run = Run.create(settings, "h")

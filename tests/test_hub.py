@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.hub import fetch_model, parse_model_spec
+from xdiff_cli.models.hub import fetch_model, parse_model_spec
 
 # --- parsing ---------------------------------------------------------------------------------
 

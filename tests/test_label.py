@@ -18,9 +18,9 @@ from analysis_fixtures import ANIMALS, COLORS, D_A, D_B, FILLER, SPLIT_WORD, Fak
 from fake_openai import FakeOpenAI
 from typer.testing import CliRunner
 
-from xdiff_cli import label as lb
 from xdiff_cli.cli import app
-from xdiff_cli.feature_index import FeatureIndex
+from xdiff_cli.findings import label as lb
+from xdiff_cli.findings.feature_index import FeatureIndex
 
 CONFIG = lb.LabelConfig(n_top=4, n_quantile=4, n_quantiles=2, n_score=5, max_new_tokens=48)
 REPLIES = {1: "LABEL: animal names\nDESCRIPTION: Fires on names of animals such as cat or tiger.",
@@ -66,7 +66,7 @@ class SparseStore(FakeStore):
 @pytest.fixture(scope="module")
 def sparse_analysis(tmp_path_factory):
     """SparseStore, the hand-built crosscoder and their analysis.sqlite (built once per module)."""
-    from xdiff_cli.analysis import AnalysisConfig, analyze
+    from xdiff_cli.findings.analysis import AnalysisConfig, analyze
 
     store, crosscoder = SparseStore(), hand_built_crosscoder()
     path = tmp_path_factory.mktemp("label-analysis") / "analysis.sqlite"
@@ -79,8 +79,8 @@ def labelled_run(sparse_analysis):
     """(run, evidence_for): an analysed run over SparseStore and a way to collect its evidence."""
     import shutil
 
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
 
     store, crosscoder, analysis = sparse_analysis
     run = Run.create(RunSettings(model_a="org/model-a", model_b="org/model-b", dict_size=20, k=2), name="label-run")
@@ -272,7 +272,7 @@ def test_bad_options_are_one_line_errors(labelled_run):
 
 
 def test_local_model_scores_from_logits_and_survives_gibberish(labelled_run, tiny_models, one_torch_thread):
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     run, evidence_for = labelled_run
     local = lb.LocalChatModel(load_model(tiny_models["llama"], device="cpu"), name="local:tiny-llama")

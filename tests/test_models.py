@@ -62,7 +62,7 @@ def _tiny_random_model(model_type: str):
 def test_adapter_finds_layers_width_and_residual_of_each_family(model_type: str):
     import torch
 
-    from xdiff_cli.arch import ArchAdapter, layer_output_tensor
+    from xdiff_cli.models.arch import ArchAdapter, layer_output_tensor
 
     model = _tiny_random_model(model_type)
     adapter = ArchAdapter(model)
@@ -80,7 +80,7 @@ def test_adapter_finds_layers_width_and_residual_of_each_family(model_type: str)
 
 
 def test_adapter_rejects_out_of_range_layer():
-    from xdiff_cli.arch import ArchAdapter
+    from xdiff_cli.models.arch import ArchAdapter
 
     with pytest.raises(XdiffError, match="out of range"):
         ArchAdapter(_tiny_random_model("llama")).layer(3)
@@ -89,7 +89,7 @@ def test_adapter_rejects_out_of_range_layer():
 def test_layer_output_helpers_handle_tensor_and_tuple():
     import torch
 
-    from xdiff_cli.arch import layer_output_tensor, replace_layer_output
+    from xdiff_cli.models.arch import layer_output_tensor, replace_layer_output
 
     hidden, extra, new = torch.zeros(2), torch.ones(1), torch.full((2,), 7.0)
     assert layer_output_tensor(hidden) is hidden
@@ -103,7 +103,7 @@ def test_steering_hook_works_on_layers_that_return_tuples():
     """Older/other families return (hidden, attn, ...): a hook that edits the residual must keep that shape."""
     import torch
 
-    from xdiff_cli.arch import ArchAdapter, layer_output_tensor, replace_layer_output
+    from xdiff_cli.models.arch import ArchAdapter, layer_output_tensor, replace_layer_output
 
     model = _tiny_random_model("llama")
     layers = ArchAdapter(model).layers
@@ -142,7 +142,7 @@ def test_steering_hook_works_on_layers_that_return_tuples():
 def test_adapter_general_fallback_finds_an_unknown_family():
     import torch
 
-    from xdiff_cli.arch import ArchAdapter
+    from xdiff_cli.models.arch import ArchAdapter
 
     class Config:
         model_type = "mystery"
@@ -168,7 +168,7 @@ def test_adapter_general_fallback_finds_an_unknown_family():
 def _reference_and_ids(path: Path):
     import torch
 
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     ref = load_model(path, quant="none", device="cpu")
     ids = ref.tokenizer("The red cat saw a dog near the river quietly.", return_tensors="pt").input_ids
@@ -182,7 +182,7 @@ def _relative_error(a, b) -> float:
 
 
 def test_full_precision_load_is_eval_no_grad_on_cpu(tiny_models):
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     loaded = load_model(tiny_models["qwen3"], device="cpu")
     assert (loaded.quant, loaded.device, loaded.dtype) == ("none", "cpu", "float32")
@@ -197,7 +197,7 @@ def test_full_precision_load_is_eval_no_grad_on_cpu(tiny_models):
 def test_quantised_load_on_cpu_is_close_to_fp32(tiny_models, quant: str, layer_class: str, bound: float):
     import torch
 
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     ref, ids, want = _reference_and_ids(tiny_models["llama"])
     loaded = load_model(tiny_models["llama"], quant=quant, device="cpu")
@@ -213,7 +213,7 @@ def test_quantised_load_on_cpu_is_close_to_fp32(tiny_models, quant: str, layer_c
 
 
 def test_loading_a_bert_encoder_says_not_a_causal_lm(tmp_path: Path):
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     with pytest.raises(XdiffError, match="not a causal LM"):
@@ -221,7 +221,7 @@ def test_loading_a_bert_encoder_says_not_a_causal_lm(tmp_path: Path):
 
 
 def test_custom_code_model_needs_trust_remote_code(tmp_path: Path):
-    from xdiff_cli.loading import inspect_model_dir
+    from xdiff_cli.models.loading import inspect_model_dir
 
     config = {
         "architectures": ["OddForCausalLM"],
@@ -238,7 +238,7 @@ def test_custom_code_model_needs_trust_remote_code(tmp_path: Path):
 
 
 def test_unknown_model_type_without_code_says_upgrade(tmp_path: Path):
-    from xdiff_cli.loading import inspect_model_dir
+    from xdiff_cli.models.loading import inspect_model_dir
 
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["NewForCausalLM"], "model_type": "brand_new"})
@@ -248,7 +248,7 @@ def test_unknown_model_type_without_code_says_upgrade(tmp_path: Path):
 
 
 def test_pre_quantised_config_is_detected():
-    from xdiff_cli.loading import inspect_model_dir
+    from xdiff_cli.models.loading import inspect_model_dir
 
     assert inspect_model_dir(_config_dir("gpt-oss-20b")).prequantized == "mxfp4"
     assert inspect_model_dir(_config_dir("Qwen3-8B")).prequantized is None
@@ -257,7 +257,7 @@ def test_pre_quantised_config_is_detected():
 def test_asking_for_cuda_without_a_gpu_is_a_user_error():
     import torch
 
-    from xdiff_cli.loading import resolve_device
+    from xdiff_cli.models.loading import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -283,7 +283,7 @@ def _config_dir(name: str) -> Path:
 
 
 def _footprint(name: str):
-    from xdiff_cli.planner import footprint_from_dir
+    from xdiff_cli.models.planner import footprint_from_dir
 
     return footprint_from_dir(_config_dir(name), name)
 
@@ -310,7 +310,7 @@ def test_gpt_oss_is_planned_at_its_mxfp4_size():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral", "gpt_oss", "gpt_neox"])
 def test_parameter_estimate_matches_real_tiny_models(model_type: str):
-    from xdiff_cli.planner import estimate_parameters
+    from xdiff_cli.models.planner import estimate_parameters
 
     model = _tiny_random_model(model_type)
     actual = sum(p.numel() for p in model.parameters())
@@ -319,7 +319,7 @@ def test_parameter_estimate_matches_real_tiny_models(model_type: str):
 
 
 def test_safetensors_index_total_size_is_used(tmp_path: Path):
-    from xdiff_cli.planner import footprint_from_dir
+    from xdiff_cli.models.planner import footprint_from_dir
 
     (tmp_path / "config.json").write_bytes((CONFIGS / "Qwen3-8B.json").read_bytes())
     (tmp_path / "model.safetensors.index.json").write_text(
@@ -329,7 +329,7 @@ def test_safetensors_index_total_size_is_used(tmp_path: Path):
 
 
 def _plan(a: str, b: str, gigabytes: float, **kwargs):
-    from xdiff_cli.planner import plan_memory
+    from xdiff_cli.models.planner import plan_memory
 
     return plan_memory([_footprint(a), _footprint(b)], free_bytes=int(gigabytes * GB), **kwargs)
 
@@ -385,7 +385,7 @@ def test_cpu_plan_says_cpu_and_picks_float32():
 
 
 def test_crosscoder_training_estimate_counts_adam_state_and_batch_activations():
-    from xdiff_cli.planner import crosscoder_parameters, crosscoder_training_bytes
+    from xdiff_cli.models.planner import crosscoder_parameters, crosscoder_training_bytes
 
     d_a = d_b = 4096
     dict_size = 131072

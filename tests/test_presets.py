@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from xdiff_cli import plan as planning
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.hardware import Hardware
-from xdiff_cli.presets import list_presets, load_preset, match_preset, parse_preset
+from xdiff_cli.run import plan as planning
+from xdiff_cli.run.hardware import Hardware
+from xdiff_cli.run.presets import list_presets, load_preset, match_preset, parse_preset
 
 CPU = Hardware("cpu", cpu_count=2)
 GPU = Hardware("cuda", cpu_count=16, gpu_name="H100", gpu_memory_bytes=80 * 2**30)

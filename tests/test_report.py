@@ -9,7 +9,7 @@ from analysis_fixtures import make_analysed_run
 from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
-from xdiff_cli.runs import resolve_run
+from xdiff_cli.run.runs import resolve_run
 
 runner = CliRunner()
 

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
-from xdiff_cli.runs import list_runs
-from xdiff_cli.stages import STAGE_NAMES
+from xdiff_cli.run.runs import list_runs
+from xdiff_cli.run.stages import STAGE_NAMES
 
 runner = CliRunner()
 FAST = ("--tokens", "3000", "--steps", "60", "--dict-size", "64", "--k", "8", "--context-length", "64")
@@ -26,7 +26,7 @@ def _interrupt(run, ctx):
 def test_tiny_preset_run_survives_ctrl_c_resumes_and_summarises(monkeypatch):
     # First attempt: Ctrl-C during training, after pull and harvest finished.
     with monkeypatch.context() as patch:
-        patch.setattr("xdiff_cli.training.train_stage", _interrupt)
+        patch.setattr("xdiff_cli.dfc.training.train_stage", _interrupt)
         first = runner.invoke(app, ["run", "--preset", "tiny", *FAST])
     assert first.exit_code == 130, first.output
     assert "interrupted" in first.output and "rerun the same command" in first.output

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.runs import Run, list_runs, load_run, scan_runs
-from xdiff_cli.settings import RunSettings
+from xdiff_cli.run.runs import Run, list_runs, load_run, scan_runs
+from xdiff_cli.run.settings import RunSettings
 
 runner = CliRunner()
 
@@ -81,15 +81,15 @@ def test_trust_remote_code_in_run_json_enables_nothing(monkeypatch):
     assert "trust_remote_code" not in json.loads(run.json_path.read_text())["settings"]
 
     calls = []
-    monkeypatch.setattr("xdiff_cli.loading.load_model", lambda *a, **kw: calls.append(kw["trust_remote_code"]))
-    from xdiff_cli.pull import load_pulled_model
-    from xdiff_cli.stages import StageContext
+    monkeypatch.setattr("xdiff_cli.models.loading.load_model", lambda *a, **kw: calls.append(kw["trust_remote_code"]))
+    from xdiff_cli.models.pull import load_pulled_model
+    from xdiff_cli.run.stages import StageContext
 
     load_pulled_model(run, "a", StageContext())
     load_pulled_model(run, "a", StageContext(trust_remote_code=True))
     assert calls == [False, True]
 
-    from xdiff_cli.steering import Steerer
+    from xdiff_cli.findings.steering import Steerer
 
     assert Steerer(run).trust_remote_code is False
 
@@ -231,10 +231,10 @@ def test_a_run_missing_a_stage_names_that_stage_and_the_command_that_makes_it():
 @pytest.mark.parametrize("dict_size", [20, 33, 255, 256, 257, 1001])
 @pytest.mark.parametrize("exclusive_frac", [0.05, 0.1, 0.13])
 def test_the_plan_and_the_trained_crosscoder_agree_on_the_partition(dict_size, exclusive_frac):
-    from xdiff_cli.crosscoder import CrosscoderConfig
-    from xdiff_cli.hardware import Hardware
-    from xdiff_cli.plan import Plan
-    from xdiff_cli.pull import ModelFacts
+    from xdiff_cli.dfc.crosscoder import CrosscoderConfig
+    from xdiff_cli.models.pull import ModelFacts
+    from xdiff_cli.run.hardware import Hardware
+    from xdiff_cli.run.plan import Plan
 
     settings = RunSettings(model_a="a", model_b="b", dict_size=dict_size, exclusive_frac=exclusive_frac, k=4)
     plan = Plan(settings, None, Hardware("cpu", 2), ModelFacts("a", d_model=8), ModelFacts("b", d_model=8), "none")
@@ -244,7 +244,7 @@ def test_the_plan_and_the_trained_crosscoder_agree_on_the_partition(dict_size, e
 
 
 def test_dry_run_prints_the_partition_the_crosscoder_will_have():
-    from xdiff_cli.crosscoder import CrosscoderConfig
+    from xdiff_cli.dfc.crosscoder import CrosscoderConfig
 
     result = runner.invoke(app, ["run", "--preset", "tiny", "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -254,7 +254,7 @@ def test_dry_run_prints_the_partition_the_crosscoder_will_have():
 
 
 def test_eval_split_is_chosen_by_tokens_not_by_shard_count():
-    from xdiff_cli.store import eval_start_shard
+    from xdiff_cli.data.store import eval_start_shard
 
     # Nine full shards and a 9-token remainder: 10% of the tokens is the last two shards, not one.
     assert eval_start_shard([200] * 9 + [9], 0.1) == 8
@@ -264,10 +264,10 @@ def test_eval_split_is_chosen_by_tokens_not_by_shard_count():
 
 
 def test_one_home_for_the_default_dictionary_middle_layer_and_config_reading(tmp_path):
-    from xdiff_cli import modelconfig, planner
-    from xdiff_cli.arch import default_layer
-    from xdiff_cli.pull import config_facts
-    from xdiff_cli.settings import default_dict_size
+    from xdiff_cli.models import modelconfig, planner
+    from xdiff_cli.models.arch import default_layer
+    from xdiff_cli.models.pull import config_facts
+    from xdiff_cli.run.settings import default_dict_size
 
     assert planner.default_dict_size is default_dict_size
     assert default_dict_size(4096, 4096) == 131_072

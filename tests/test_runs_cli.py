@@ -10,11 +10,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from xdiff_cli import paths, pipeline, stages
+from xdiff_cli import paths
 from xdiff_cli.cli import app
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.runs import Run, list_runs
-from xdiff_cli.settings import RunSettings
+from xdiff_cli.run import pipeline, stages
+from xdiff_cli.run.runs import Run, list_runs
+from xdiff_cli.run.settings import RunSettings
 
 runner = CliRunner()
 
@@ -158,12 +159,12 @@ def test_stage_marks_record_failure_and_interruption(monkeypatch):
     def stop(run, ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("xdiff_cli.pull.pull_stage", boom)
+    monkeypatch.setattr("xdiff_cli.models.pull.pull_stage", boom)
     with pytest.raises(XdiffError):
         stages.run_stage(run, "pull", ctx)
     assert run.record.stages["pull"].status == "failed"
     assert run.record.stages["pull"].error == "the hub is down"
-    monkeypatch.setattr("xdiff_cli.pull.pull_stage", stop)
+    monkeypatch.setattr("xdiff_cli.models.pull.pull_stage", stop)
     with pytest.raises(KeyboardInterrupt):
         stages.run_stage(run, "pull", ctx)
     assert Run.load(run.dir).record.stages["pull"].status == "interrupted"

@@ -19,9 +19,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from xdiff_cli.data.parts import Part, merge_parts
+from xdiff_cli.data.store import ActivationStore
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.parts import Part, merge_parts
-from xdiff_cli.store import ActivationStore
 
 HARVEST = ["--tokens", "3000", "--quiet", "--device", "cpu", "--harvest-batch-size", "4"]
 TRAIN = ["--steps", "6", "--batch-size", "64", "--dict-size", "256", "--k", "8", "--device", "cpu", "--quiet"]
@@ -49,8 +49,8 @@ def _copy_run(home: Path, source: str, target: str) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_models):
     from xdiff_cli.cli import app
-    from xdiff_cli.store import StoreWriter
-    from xdiff_cli.tiny import write_corpus_jsonl
+    from xdiff_cli.data.store import StoreWriter
+    from xdiff_cli.models.tiny import write_corpus_jsonl
 
     root = tmp_path_factory.mktemp("scaleout")
     home = root / "home"
@@ -212,7 +212,7 @@ def test_two_rank_training_equals_single_process_training(world):
 
 
 def test_two_rank_training_keeps_forbidden_weights_exactly_zero(world):
-    from xdiff_cli.crosscoder import Crosscoder
+    from xdiff_cli.dfc.crosscoder import Crosscoder
 
     model = Crosscoder.load(world["home"] / "runs" / "t2" / "crosscoder" / "final")
     for name, weights in model.forbidden_weights().items():
@@ -237,7 +237,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(world, monkeypatch):
 
 
 def test_planner_points_to_torchrun_when_several_gpus_are_visible(monkeypatch):
-    from xdiff_cli import planner
+    from xdiff_cli.models import planner
 
     configs = Path(__file__).parent / "data" / "configs"
     footprints = [planner.footprint_from_config(json.loads((configs / f"{n}.json").read_text()), n)
@@ -268,7 +268,7 @@ def test_cli_merge_of_separately_harvested_parts_equals_single_process(world, mo
 
 
 def test_split_harvest_is_marked_done_by_the_stage_runner_after_the_merge(world):
-    from xdiff_cli.runs import load_run
+    from xdiff_cli.run.runs import load_run
 
     home = world["home"]
     with pytest.MonkeyPatch.context() as mp:

@@ -1,4 +1,4 @@
-"""Issue 20, training speed: the optimised step (xdiff_cli/sparse_step.py) equals the plain
+"""Issue 20, training speed: the optimised step (xdiff_cli/dfc/sparse_step.py) equals the plain
 dense step — loss, every gradient, AuxK picks, partition invariants — on small random data,
 with and without dead features, on both of its routes (CPU pre-filter / sync-free GPU form)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.sparse_step import encoder_preacts, select_aux, select_batch_topk
-from xdiff_cli.training import InMemorySource, TrainConfig, Trainer, training_forward
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.sparse_step import encoder_preacts, select_aux, select_batch_topk
+from xdiff_cli.dfc.training import InMemorySource, TrainConfig, Trainer, training_forward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,7 @@ def _loss_and_grads(model: Crosscoder, dead: torch.Tensor, sparse: bool, sync_fr
 @pytest.fixture(params=["sparse-decode", "dense-decode"])
 def decode_route(request, monkeypatch):  # noqa: ANN001, ANN201
     """Both decoder routes: embedding_bag (big dictionaries) and the dense matmul (small)."""
-    import xdiff_cli.sparse_step as sparse_step
+    import xdiff_cli.dfc.sparse_step as sparse_step
 
     monkeypatch.setattr(
         sparse_step, "DENSE_DECODE_MAX_RATIO", 0 if request.param == "sparse-decode" else 10**6

@@ -12,9 +12,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from xdiff_cli import stages
 from xdiff_cli.cli import app
-from xdiff_cli.runs import Run, load_run
+from xdiff_cli.run import stages
+from xdiff_cli.run.runs import Run, load_run
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -61,8 +61,8 @@ def small_run_dir(tiny_models, tiny_corpus, tmp_path_factory):  # noqa: ANN001
 
 def assert_record_matches_artifacts(run: Run) -> None:
     """Every stage the record calls done has its artifacts, complete."""
-    from xdiff_cli.analysis import analysis_is_valid
-    from xdiff_cli.store import ActivationStore
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.findings.analysis import analysis_is_valid
 
     run = run.reload()
     for stage in stages.STAGES:

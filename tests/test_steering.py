@@ -13,7 +13,7 @@ import torch
 from steer_fixtures import SCALE_A, SCALE_B, STEER_LAYER_A, STEER_LAYER_B, make_steerable_run, s_max_of
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.steering import (
+from xdiff_cli.findings.steering import (
     Steerer,
     SteerResult,
     decode,
@@ -181,7 +181,7 @@ def test_nonzero_scale_changes_the_next_token_distribution(steerer: Steerer) -> 
 
 
 def test_random_baseline_direction_has_the_steering_vectors_norm_and_is_seeded() -> None:
-    from xdiff_cli.steering import random_direction_like
+    from xdiff_cli.findings.steering import random_direction_like
 
     vector = torch.tensor([3.0, 4.0, 0.0, 0.0])
     first, again = random_direction_like(vector, seed=1), random_direction_like(vector, seed=1)

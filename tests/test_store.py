@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from xdiff_cli.data.store import ActivationStore, Shard, StoreWriter
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.store import ActivationStore, Shard, StoreWriter
 
 IDENTITY = {"model_a": "a", "model_b": "b", "layer_a": 1, "layer_b": 2, "d_a": 4, "d_b": 3, "dtype": "bfloat16"}
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.toy import ToyConfig, ToyWorld, score_recovery, toy_source
-from xdiff_cli.training import TrainConfig, Trainer
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.toy import ToyConfig, ToyWorld, score_recovery, toy_source
+from xdiff_cli.dfc.training import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

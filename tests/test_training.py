@@ -8,9 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
-from xdiff_cli.errors import XdiffError
-from xdiff_cli.training import (
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.dfc.training import (
     DataPosition,
     InMemorySource,
     ShuffledBatches,
@@ -21,6 +20,7 @@ from xdiff_cli.training import (
     k_at,
     train,
 )
+from xdiff_cli.errors import XdiffError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,9 +164,9 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
 def _harvested_run(name: str = "r1", n_shards: int = 4, per_shard: int = 300, **settings):
     """A run with a small fabricated activation store (what `xdiff harvest` would leave)."""
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
-    from xdiff_cli.store import Shard, StoreWriter
+    from xdiff_cli.data.store import Shard, StoreWriter
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
 
     run = Run.create(RunSettings(model_a="a", model_b="b", **settings), name=name)
     writer = StoreWriter.open_or_create(run.store_dir, {"model_a": "a", "model_b": "b", "d_a": 10, "d_b": 14})
@@ -185,8 +185,8 @@ def _harvested_run(name: str = "r1", n_shards: int = 4, per_shard: int = 300, **
 
 
 def test_train_run_trains_from_the_store_records_metrics_and_then_returns_at_once(tmp_path) -> None:
-    from xdiff_cli.runs import Run
-    from xdiff_cli.training import train_run
+    from xdiff_cli.dfc.training import train_run
+    from xdiff_cli.run.runs import Run
 
     run = _harvested_run(dict_size=48, k=4, steps=20, batch_size=100, lr=3e-3, device="cpu")
     result = train_run(run, progress=False)
@@ -205,7 +205,7 @@ def test_train_run_trains_from_the_store_records_metrics_and_then_returns_at_onc
 
 def test_xdiff_train_cli_updates_settings_and_prints_the_result() -> None:
     from xdiff_cli.cli import app
-    from xdiff_cli.runs import resolve_run
+    from xdiff_cli.run.runs import resolve_run
 
     _harvested_run(name="cli", steps=100_000, device="cpu")
     out = CliRunner().invoke(
@@ -223,8 +223,8 @@ def test_xdiff_train_cli_updates_settings_and_prints_the_result() -> None:
 
 def test_xdiff_train_without_a_harvest_says_to_harvest_first() -> None:
     from xdiff_cli.cli import app
-    from xdiff_cli.runs import Run
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
 
     Run.create(RunSettings(model_a="a", model_b="b"), name="empty")
     out = CliRunner().invoke(app, ["train", "--run", "empty", "--steps", "5"])

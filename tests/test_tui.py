@@ -287,7 +287,7 @@ def _steerable_run(tiny_models, tmp_path):  # noqa: ANN001, ANN202
 
 
 async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_path):
-    from xdiff_cli.steering import Steerer
+    from xdiff_cli.findings.steering import Steerer
     from xdiff_cli.tui.widgets.stream_pane import StreamPane
 
     run = _steerable_run(tiny_models, tmp_path)
@@ -440,7 +440,7 @@ def test_histogram_uses_log_density_so_rare_bins_stay_visible():
 
 
 def make_feature_stub(**changes):  # noqa: ANN003, ANN201
-    from xdiff_cli.feature_index import Feature
+    from xdiff_cli.findings.feature_index import Feature
 
     values = dict(id=0, partition="a", frequency=0.1, n_fires=10, mean_activation=1.0, max_activation=2.0,
                   dec_norm_a=1.0, dec_norm_b=0.0, rel_norm=1.0, dec_cos=None, n_distinct_tokens=3, top_token="cat",
@@ -455,7 +455,7 @@ def test_token_effects_are_the_decoder_direction_through_the_unembedding(tiny_mo
     from safetensors import safe_open
     from tokenizers import Tokenizer
 
-    from xdiff_cli.token_effects import effects_for_run
+    from xdiff_cli.findings.token_effects import effects_for_run
 
     run = _steerable_run(tiny_models, tmp_path)
     effects = effects_for_run(run, 20, "shared", k=5)  # shared: read by both models
@@ -549,7 +549,7 @@ async def test_shared_feature_steers_both_models_by_default_and_ctrl_o_picks_one
 
 
 async def test_shared_feature_chat_generates_in_both_models_like_the_cli(tiny_models, tmp_path):
-    from xdiff_cli.steering import Steerer
+    from xdiff_cli.findings.steering import Steerer
     from xdiff_cli.tui.widgets.stream_pane import StreamPane
 
     run = _steerable_run(tiny_models, tmp_path)

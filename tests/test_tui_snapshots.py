@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from tui_fixtures import ARTIFACT_FEATURE, make_analysed_run, make_run
 
-from xdiff_cli.runs import StageStatus
+from xdiff_cli.run.runs import StageStatus
 from xdiff_cli.tui.app import XdiffApp
 
 SMALL = (80, 24)

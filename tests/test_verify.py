@@ -11,11 +11,11 @@ from analysis_fixtures import FakeStore, hand_built_crosscoder, make_analysed_ru
 from typer.testing import CliRunner
 
 from xdiff_cli.cli import app
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig
+from xdiff_cli.data.store import Shard
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.feature_index import FeatureIndex, FeatureIndexWriter
-from xdiff_cli.store import Shard
-from xdiff_cli.verify import (
+from xdiff_cli.findings.feature_index import FeatureIndex, FeatureIndexWriter
+from xdiff_cli.findings.verify import (
     MirrorSplit,
     VerifyConfig,
     fit_ridge,
@@ -166,8 +166,8 @@ def test_null_run_on_identical_models_exclusive_features_are_flagged(tmp_path, o
 
 def make_verifiable_run(name: str = "verify-run"):
     """The shared fake analysed run, plus an activation store (train + eval) and the crosscoder on disk."""
-    from xdiff_cli.analysis import AnalysisConfig, analyze
-    from xdiff_cli.store import ActivationStore, StoreWriter
+    from xdiff_cli.data.store import ActivationStore, StoreWriter
+    from xdiff_cli.findings.analysis import AnalysisConfig, analyze
 
     run = make_analysed_run(name, analysed=False)
     fake = FakeStore(n_docs=90)
@@ -252,8 +252,8 @@ def test_steer_check_measures_kl_in_both_models_and_resumes(tiny_models, tmp_pat
     from safetensors.torch import save_file
     from steer_fixtures import make_steerable_run
 
-    from xdiff_cli.feature_index import Evidence, write_evidence
-    from xdiff_cli.verify import ProbeFit, RidgeFit, steer_check_run
+    from xdiff_cli.findings.feature_index import Evidence, write_evidence
+    from xdiff_cli.findings.verify import ProbeFit, RidgeFit, steer_check_run
 
     run = make_steerable_run(tiny_models, tmp_path)  # A = tiny llama (d 64), B = tiny qwen3 (d 48)
     gen = torch.Generator().manual_seed(0)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from xdiff_cli.feature_index import FeatureIndexWriter
-from xdiff_cli.runs import ModelRecord, Run, StageStatus
-from xdiff_cli.settings import RunSettings
-from xdiff_cli.stages import STAGE_NAMES as STAGES
+from xdiff_cli.findings.feature_index import FeatureIndexWriter
+from xdiff_cli.run.runs import ModelRecord, Run, StageStatus
+from xdiff_cli.run.settings import RunSettings
+from xdiff_cli.run.stages import STAGE_NAMES as STAGES
 
 N_EXCLUSIVE = 6
 N_FEATURES = 36

@@ -111,7 +111,7 @@ def hub_check(timeout: float = HUB_TIMEOUT_S) -> Check:
     import urllib.error
     import urllib.request
 
-    from xdiff_cli.hub import hub_offline
+    from xdiff_cli.models.hub import hub_offline
 
     endpoint = hub_endpoint()
     if hub_offline():

@@ -66,7 +66,7 @@ def _mismatch(path: Path) -> str | None:
 
 def store_problem(directory: Path) -> str | None:
     """Why the activation store at `directory` cannot be trusted, or None."""
-    from xdiff_cli.store import DOCUMENTS, MANIFEST, SHARDS_DIR, ActivationStore
+    from xdiff_cli.data.store import DOCUMENTS, MANIFEST, SHARDS_DIR, ActivationStore
 
     directory = Path(directory)
     try:
@@ -134,7 +134,7 @@ def analysis_problem(path: Path) -> str | None:
     problem = sqlite_problem(path)
     if problem:
         return problem
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     try:
         index = FeatureIndex.open(path)

@@ -90,7 +90,7 @@ def check_free_space(path: Path, needed_bytes: int, what: str) -> None:
 
     if needed_bytes <= 0:
         return
-    from xdiff_cli.formatting import format_bytes
+    from xdiff_cli.run.formatting import format_bytes
 
     free = free_bytes(path)
     if needed_bytes * DISK_HEADROOM > free:

@@ -7,14 +7,14 @@ import os
 import typer
 
 from xdiff_cli.commands.common import RUN_HELP
-from xdiff_cli.ranking import RANKING_HELP
+from xdiff_cli.findings.ranking import RANKING_HELP
 
 TABLE_DEFAULT_LIMIT = 25
 SNIPPET_WIDTH = 56
 
 
 def _partition_option(value: str) -> str:
-    from xdiff_cli.feature_columns import parse_partition
+    from xdiff_cli.findings.feature_columns import parse_partition
 
     try:
         return parse_partition(value)
@@ -23,7 +23,7 @@ def _partition_option(value: str) -> str:
 
 
 def _sort_option(value: str) -> str:
-    from xdiff_cli.feature_columns import parse_sort
+    from xdiff_cli.findings.feature_columns import parse_sort
 
     try:
         return parse_sort(value)
@@ -36,10 +36,10 @@ def analyze(
     force: bool = typer.Option(False, "--force", help="Recompute even if the run is already analysed."),
 ) -> None:
     """Analyse a trained run: feature statistics, top examples, ranking (writes analysis.sqlite)."""
-    from xdiff_cli import stages
     from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
+    from xdiff_cli.run import stages
 
     run = pick_run(run_id, needs="train")
     with run.lock():
@@ -87,7 +87,7 @@ def features(
 ) -> None:
     """List a run's features, most worth a look first."""
     from xdiff_cli.commands.common import pick_run
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     run = pick_run(run_id, needs="analyze")
     index = FeatureIndex.open(run.analysis_path)
@@ -140,7 +140,7 @@ def report(
     from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.report import write_report
+    from xdiff_cli.findings.report import write_report
 
     if fmt not in ("html", "md"):
         raise XdiffError(f"unknown report format {fmt!r}", "use html or md")
@@ -157,7 +157,7 @@ MIN_EXAMPLE_WIDTH = 12  # narrower than this, the example column is left out
 
 def live_counts_line(counts: dict[str, dict[str, int]]) -> str:
     """'live features: A-only 2 of 26 · B-only 20 of 26 · shared 180 of 204' (dead ones do not count)."""
-    from xdiff_cli.feature_columns import BLOCK_NAMES
+    from xdiff_cli.findings.feature_columns import BLOCK_NAMES
 
     parts = [f"{BLOCK_NAMES[p]} {c['live']} of {c['total']}" for p, c in counts.items() if c["total"]]
     return "live features: " + " · ".join(parts)
@@ -222,7 +222,7 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     from rich.table import Table
     from rich.text import Text
 
-    from xdiff_cli.feature_columns import LIST_COLUMNS
+    from xdiff_cli.findings.feature_columns import LIST_COLUMNS
     from xdiff_cli.safe_text import inert
 
     width = width or terminal_width()

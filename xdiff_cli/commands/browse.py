@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP
+from xdiff_cli.run.settings import TRUST_REMOTE_CODE_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     ) -> None:
         """Browse exclusive and shared features, their top examples, and steer them in a chat."""
-        from xdiff_cli.runs import load_run
+        from xdiff_cli.run.runs import load_run
         from xdiff_cli.tui.app import XdiffApp
 
         if run is not None:

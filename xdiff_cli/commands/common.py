@@ -11,7 +11,7 @@ def pick_run(run_id: str | None, needs: str) -> Any:  # -> runs.Run
     """`--run`'s run, or the newest one with `needs` done, named on stderr when a person is
     watching (stdout stays clean for --json; captured output stays one error line). A run
     missing a stage fails naming it and the command that makes it."""
-    from xdiff_cli.runs import resolve_run
+    from xdiff_cli.run.runs import resolve_run
 
     run = resolve_run(run_id, needs=needs)
     if run_id is None and _stderr_is_terminal():

@@ -1,14 +1,14 @@
 """`xdiff harvest A B`: pull and harvest on their own (parse, run the stages, print).
 
 Also the split harvest: `--shard I/N` harvests one part, `--merge` joins the parts, and under
-torchrun each rank harvests one part and rank 0 merges them (xdiff_cli/parts.py).
+torchrun each rank harvests one part and rank 0 merges them (xdiff_cli/data/parts.py).
 """
 
 from __future__ import annotations
 
 import typer
 
-from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP, cli_options
+from xdiff_cli.run.settings import TRUST_REMOTE_CODE_HELP, cli_options
 
 HARVEST_SETTINGS = (
     "corpus", "tokens", "layer_a", "layer_b", "context_length", "harvest_batch_size", "eval_fraction",
@@ -38,10 +38,11 @@ def harvest(
     Under `torchrun --nproc-per-node N -m xdiff_cli -- harvest ...` each rank harvests one
     part and rank 0 merges them.
     """
-    from xdiff_cli import distributed, stages
     from xdiff_cli.console import console
+    from xdiff_cli.data.parts import Part
+    from xdiff_cli.dfc import distributed
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.parts import Part
+    from xdiff_cli.run import stages
 
     part = Part.parse(shard) if shard is not None else None  # bad values fail before anything loads
     if merge and part is not None:
@@ -55,7 +56,7 @@ def harvest(
     split = part is not None or dist is not None or merge  # several processes may name one run
     run = _the_run(model_a, model_b, name, run_id, options, join=split, merge=merge) if main else None
     if dist is not None:
-        from xdiff_cli.runs import load_run
+        from xdiff_cli.run.runs import load_run
 
         run = load_run(dist.broadcast_object(run.id if main else None))
     console.print(f"run [bold]{run.id}[/]  {run.dir}")
@@ -69,7 +70,7 @@ def harvest(
     # One process, `--merge`, or rank 0 of a torchrun world (the stage runs for the world).
     stages.run_stages(run, ctx, first="harvest" if merge else None, through="harvest", rerun=("harvest",))
 
-    from xdiff_cli.store import ActivationStore
+    from xdiff_cli.data.store import ActivationStore
 
     store = ActivationStore.open(run.store_dir)
     manifest = store.manifest
@@ -89,8 +90,8 @@ def _the_run(model_a, model_b, name, run_id, options, *, join: bool, merge: bool
     rather than refused: every part of a split harvest names the same run. `--merge --name N`
     without models joins run N."""
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.runs import Run, load_run
-    from xdiff_cli.settings import RunSettings
+    from xdiff_cli.run.runs import Run, load_run
+    from xdiff_cli.run.settings import RunSettings
 
     if run_id is not None:
         if model_a or model_b or options:
@@ -101,7 +102,7 @@ def _the_run(model_a, model_b, name, run_id, options, *, join: bool, merge: bool
     if not model_a or not model_b:
         raise XdiffError("harvest needs two models", "xdiff harvest MODEL_A MODEL_B [--corpus ...] (or --run ID)")
     settings = RunSettings(model_a=model_a, model_b=model_b).updated(**options).validate()
-    from xdiff_cli.corpus import check_corpus
+    from xdiff_cli.data.corpus import check_corpus
 
     check_corpus(settings.corpus)  # fail before loading any model
     if not join or name is None:
@@ -126,10 +127,10 @@ def _harvest_one_part(run, ctx, part) -> None:  # noqa: ANN001 - Run, StageConte
     harvest stage is marked done by `--merge`."""
     import time
 
-    from xdiff_cli import stages
     from xdiff_cli.console import console, err_console
-    from xdiff_cli.harvest import harvest_part
+    from xdiff_cli.data.harvest import harvest_part
     from xdiff_cli.locks import LockBusy
+    from xdiff_cli.run import stages
     waiting = False
     while not run.stage_done("pull"):
         try:

@@ -1,4 +1,4 @@
-"""`xdiff label`: automatic, scored explanations of a run's features (see `xdiff_cli/label.py`)."""
+"""`xdiff label`: automatic, scored explanations of a run's features (see `xdiff_cli/findings/label.py`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def label(
 ) -> None:
     from xdiff_cli.commands.common import pick_run
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.label import PARTITIONS
+    from xdiff_cli.findings.label import PARTITIONS
 
     if partition not in PARTITIONS:
         raise XdiffError(f"unknown partition {partition!r}", "use a, b, candidates or all")
@@ -51,7 +51,7 @@ def label(
 def label_with_progress(run, *, show: bool = True, **options):  # noqa: ANN001, ANN201 - Run -> LabelSummary
     """Label a run with a progress bar (features done, requests sent); print the results."""
     from xdiff_cli.console import console, err_console, stage_progress
-    from xdiff_cli.label import label_run
+    from xdiff_cli.findings.label import label_run
 
     with stage_progress("features", show_fields="{task.fields[requests]} requests") as progress:
         task = progress.add_task("label", total=None, requests=0)
@@ -102,6 +102,6 @@ def summary_table(summary):  # noqa: ANN001, ANN201 - LabelSummary -> rich Table
 
 
 def register(app: typer.Typer) -> None:
-    from xdiff_cli.label import DEFAULT_LOCAL_MODEL
+    from xdiff_cli.findings.label import DEFAULT_LOCAL_MODEL
 
     app.command("label", help=LABEL_HELP.format(default=DEFAULT_LOCAL_MODEL, key_env="XDIFF_LABEL_API_KEY"))(label)

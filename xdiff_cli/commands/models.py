@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from xdiff_cli.settings import QUANT_CHOICES, TRUST_REMOTE_CODE_HELP, help_for
+from xdiff_cli.run.settings import QUANT_CHOICES, TRUST_REMOTE_CODE_HELP, help_for
 
 
 def pull(
@@ -22,9 +22,9 @@ def pull(
 
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.hub import parse_model_spec
-    from xdiff_cli.loading import inspect_model_dir
-    from xdiff_cli.pull import fetch
+    from xdiff_cli.models.hub import parse_model_spec
+    from xdiff_cli.models.loading import inspect_model_dir
+    from xdiff_cli.models.pull import fetch
 
     spec = parse_model_spec(model)
     if revision:
@@ -60,12 +60,12 @@ def plan(
     """Show how two models and the crosscoder fit in memory (downloads configs only)."""
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.hub import fetch_metadata, parse_model_spec
-    from xdiff_cli.planner import footprint_from_dir, plan_memory
+    from xdiff_cli.models.hub import fetch_metadata, parse_model_spec
+    from xdiff_cli.models.planner import footprint_from_dir, plan_memory
 
     if quant not in QUANT_CHOICES:
         raise XdiffError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
-    from xdiff_cli.presets import shipped_config_dir
+    from xdiff_cli.run.presets import shipped_config_dir
 
     footprints = []
     for text in (model_a, model_b):
@@ -82,7 +82,7 @@ def plan(
         target = "cuda"
         free = int(gpu_memory * 1e9)
     else:
-        from xdiff_cli.hardware import resolve_device
+        from xdiff_cli.run.hardware import resolve_device
 
         target = resolve_device(device)
         free = None

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP, cli_options
+from xdiff_cli.run.settings import TRUST_REMOTE_CODE_HELP, cli_options
 
 _STAGE_CHOICES = "pull, harvest, train, analyze or verify"
 
@@ -46,11 +46,12 @@ def run(
     Re-running the same command resumes the newest run with identical settings where it
     stopped (Ctrl-C is safe). `xdiff run --preset tiny` needs no network.
     """
-    from xdiff_cli import paths, pipeline, stages
-    from xdiff_cli import plan as planning
+    from xdiff_cli import paths
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.hardware import detect_hardware
+    from xdiff_cli.run import pipeline, stages
+    from xdiff_cli.run import plan as planning
+    from xdiff_cli.run.hardware import detect_hardware
 
     if null is not None:
         if model_a is not None or model_b is not None:
@@ -127,7 +128,7 @@ FEASIBLE_SECONDS = 2 * 24 * 3600  # more compute than this on this machine is "n
 def feasibility_warning(plan) -> str | None:  # noqa: ANN001 - pipeline.Plan
     """A plain warning when the plan's compute estimate is days on this machine (e.g. 100M
     tokens of an 8B pair on a CPU), with the estimate and what to change."""
-    from xdiff_cli.formatting import format_duration
+    from xdiff_cli.run.formatting import format_duration
 
     known = [v for v in plan.time_seconds().values() if v is not None]
     if not known or sum(known) <= FEASIBLE_SECONDS:
@@ -141,7 +142,7 @@ def feasibility_warning(plan) -> str | None:  # noqa: ANN001 - pipeline.Plan
 def print_verify_summary(run) -> None:  # noqa: ANN001 - runs.Run
     from xdiff_cli.commands.verify import summary_lines
     from xdiff_cli.console import console
-    from xdiff_cli.verify import verify_meta
+    from xdiff_cli.findings.verify import verify_meta
 
     meta = verify_meta(run.analysis_path) if run.analysis_path.is_file() else None
     for line in summary_lines(run.id, meta) if meta else []:
@@ -152,7 +153,7 @@ def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
     from rich.table import Table
 
     from xdiff_cli.console import console
-    from xdiff_cli.formatting import format_bytes, format_count, format_duration
+    from xdiff_cli.run.formatting import format_bytes, format_count, format_duration
 
     s = plan.settings
     table = Table(show_header=False, box=None, pad_edge=False, title="[bold]plan", title_justify="left")
@@ -215,7 +216,7 @@ def print_summary(summary) -> None:  # noqa: ANN001 - pipeline.Summary
     analysis = summary.run_dir / "analysis.sqlite"
     if analysis.is_file():  # dead exclusive features must not hide behind one overall percentage
         from xdiff_cli.commands.analyze import live_counts_line
-        from xdiff_cli.feature_index import FeatureIndex
+        from xdiff_cli.findings.feature_index import FeatureIndex
 
         index = FeatureIndex.open(analysis)
         try:
@@ -245,10 +246,10 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
     from rich.markup import escape
     from rich.table import Table
 
-    from xdiff_cli import pipeline
     from xdiff_cli.console import console
-    from xdiff_cli.formatting import format_bytes
-    from xdiff_cli.runs import scan_runs
+    from xdiff_cli.run import pipeline
+    from xdiff_cli.run.formatting import format_bytes
+    from xdiff_cli.run.runs import scan_runs
 
     infos = [pipeline.run_info(r) for r in scan_runs()]
     if as_json:
@@ -287,8 +288,8 @@ def rm(
     from xdiff_cli import paths
     from xdiff_cli.console import console
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.formatting import format_bytes
-    from xdiff_cli.runs import remove_run, run_dir_for
+    from xdiff_cli.run.formatting import format_bytes
+    from xdiff_cli.run.runs import remove_run, run_dir_for
 
     run_dir = run_dir_for(run_id)
     if not run_dir.is_dir():
@@ -310,7 +311,7 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     from rich.table import Table
 
     from xdiff_cli.console import console
-    from xdiff_cli.presets import list_presets
+    from xdiff_cli.run.presets import list_presets
 
     found = list_presets()
     if as_json:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 from xdiff_cli.commands.common import RUN_HELP
-from xdiff_cli.settings import TRUST_REMOTE_CODE_HELP
+from xdiff_cli.run.settings import TRUST_REMOTE_CODE_HELP
 
 FEATURE_HELP = "Feature id to steer, optionally with its own scale as ID:SCALE (repeatable)."
 
@@ -93,7 +93,7 @@ def steer(
     """Steer features and show the unsteered and steered answers side by side."""
     from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console, err_console
-    from xdiff_cli.steering import Steerer
+    from xdiff_cli.findings.steering import Steerer
 
     features = parse_features(feature, scale)
     steerer = Steerer(pick_run(run_id, needs="analyze"), device=device, quant=quant,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from xdiff_cli.commands.common import RUN_HELP
-from xdiff_cli.settings import cli_options
+from xdiff_cli.run.settings import cli_options
 
 # Settings whose change makes an existing crosscoder (and everything after it) stale.
 TRAIN_SETTINGS = ("steps", "batch_size", "lr", "dict_size", "k", "exclusive_frac", "arch", "device", "seed")
@@ -23,9 +23,10 @@ def train(
     Options given here replace the run's recorded settings; if they change an already trained crosscoder's settings, it is trained again from scratch.
     Under `torchrun --nproc-per-node N -m xdiff_cli -- train ...` the ranks train one crosscoder data-parallel.
     """
-    from xdiff_cli import distributed, stages
     from xdiff_cli.commands.common import pick_run
     from xdiff_cli.console import console
+    from xdiff_cli.dfc import distributed
+    from xdiff_cli.run import stages
 
     run = pick_run(run_id, needs="harvest")
     new = run.settings.updated(**options).validate()

@@ -30,7 +30,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print the verify summary as JSON."),
 ) -> None:
     from xdiff_cli.commands.common import pick_run
-    from xdiff_cli.verify import verify_run
+    from xdiff_cli.findings.verify import verify_run
 
     run = pick_run(run_id, needs="analyze")
     with run.lock():

@@ -6,7 +6,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.runs import Run, list_runs, load_run
+from xdiff_cli.run.runs import Run, list_runs, load_run
 from xdiff_cli.tui.commands import XdiffCommands
 from xdiff_cli.tui.screens.empty_state import EmptyStateScreen, no_runs_message, unanalysed_message
 from xdiff_cli.tui.screens.help import HelpScreen
@@ -68,7 +68,7 @@ class XdiffApp(App):
         """The feature browser for `run`, or an empty state saying what the run still needs.
 
         From the run picker the run opens on top (Esc returns to the picker)."""
-        from xdiff_cli.feature_index import FeatureIndex
+        from xdiff_cli.findings.feature_index import FeatureIndex
         from xdiff_cli.tui.screens.features import FeaturesScreen
 
         run = Run.load(run.dir)  # re-read: the pipeline may have moved on since it was listed

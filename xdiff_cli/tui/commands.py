@@ -6,7 +6,7 @@ from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from xdiff_cli.runs import list_runs
+from xdiff_cli.run.runs import list_runs
 
 
 class XdiffCommands(Provider):

@@ -8,7 +8,7 @@ from textual.containers import Center, Middle
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
-from xdiff_cli.runs import Run
+from xdiff_cli.run.runs import Run
 
 
 def no_runs_message() -> tuple[str, str]:

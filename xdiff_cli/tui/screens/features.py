@@ -17,8 +17,8 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input, Static, Tab, Tabs
 
-from xdiff_cli.feature_index import FeatureIndex
-from xdiff_cli.runs import Run
+from xdiff_cli.findings.feature_index import FeatureIndex
+from xdiff_cli.run.runs import Run
 from xdiff_cli.tui.widgets.feature_detail import FeatureDetail
 from xdiff_cli.tui.widgets.feature_table import SORT_LABELS, FeatureTable
 
@@ -210,7 +210,7 @@ class FeaturesScreen(Screen):
         if feature.id in self._effects:
             self.detail.effects = self._effects[feature.id]
             return
-        from xdiff_cli.token_effects import sides_reading, unavailable_reason
+        from xdiff_cli.findings.token_effects import sides_reading, unavailable_reason
 
         reasons = {side: unavailable_reason(self.run, side) for side in sides_reading(feature.partition)}
         if all(reasons.values()):  # nothing to compute: say why at once, no worker
@@ -220,7 +220,7 @@ class FeaturesScreen(Screen):
 
     @work(thread=True, exclusive=True, group="token-effects")
     def compute_effects(self, feature_id: int, partition: str) -> None:
-        from xdiff_cli.token_effects import effects_for_run
+        from xdiff_cli.findings.token_effects import effects_for_run
 
         try:
             effects: dict[str, Any] = effects_for_run(self.run, feature_id, partition)
@@ -239,7 +239,7 @@ class FeaturesScreen(Screen):
     @work(thread=True, exclusive=True, group="quantiles")
     def compute_quantiles(self, feature_id: int, s_max: float) -> None:
         from xdiff_cli.errors import XdiffError
-        from xdiff_cli.quantile_examples import quantile_examples_for_run
+        from xdiff_cli.findings.quantile_examples import quantile_examples_for_run
 
         try:
             result: Any = quantile_examples_for_run(self.run, feature_id, s_max)

@@ -7,7 +7,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from xdiff_cli.runs import Run, list_runs
+from xdiff_cli.run.runs import Run, list_runs
 
 
 def run_models(run: Run) -> str:

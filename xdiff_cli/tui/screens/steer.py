@@ -20,8 +20,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, LoadingIndicator, Static
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.feature_index import Feature
-from xdiff_cli.runs import Run
+from xdiff_cli.findings.feature_index import Feature
+from xdiff_cli.run.runs import Run
 from xdiff_cli.tui.widgets.feature_detail import describe_partition
 from xdiff_cli.tui.widgets.scale_input import ScaleInput, format_scale
 from xdiff_cli.tui.widgets.stream_pane import StreamPane
@@ -57,7 +57,7 @@ class SteerScreen(Screen):
         super().__init__()
         self.run, self.feature, self.view = run, feature, view
         self.cancel_event = threading.Event()
-        self.steerer: Any = None  # xdiff_cli.steering.Steerer, created in the worker (imports torch)
+        self.steerer: Any = None  # xdiff_cli.findings.steering.Steerer, created in the worker (imports torch)
         self.last_result: Any = None
         self.results: list[Any] = []
         self.shown_scale: float | None = None  # the α of the text in the steered panes
@@ -183,7 +183,7 @@ class SteerScreen(Screen):
         try:
             if self.steerer is None:
                 call(self.set_status, "loading the crosscoder…")
-                from xdiff_cli.steering import Steerer
+                from xdiff_cli.findings.steering import Steerer
 
                 self.steerer = Steerer(self.run, trust_remote_code=getattr(self.app, "trust_remote_code", False))
             features = [(self.feature.id, scale)]

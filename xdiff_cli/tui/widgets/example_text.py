@@ -6,7 +6,7 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 
-from xdiff_cli.feature_index import Example
+from xdiff_cli.findings.feature_index import Example
 from xdiff_cli.safe_text import inert
 
 # Shade from a dark neutral (no activation) to a warm orange (the feature's s_max).

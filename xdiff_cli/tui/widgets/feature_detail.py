@@ -19,8 +19,8 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from xdiff_cli.feature_columns import format_activation, format_frequency, why
-from xdiff_cli.feature_index import Feature
+from xdiff_cli.findings.feature_columns import format_activation, format_frequency, why
+from xdiff_cli.findings.feature_index import Feature
 from xdiff_cli.safe_text import inert
 from xdiff_cli.tui.widgets.example_text import shade_example
 

@@ -11,8 +11,8 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import DataTable
 
-from xdiff_cli.feature_columns import LIST_COLUMNS
-from xdiff_cli.feature_index import Feature
+from xdiff_cli.findings.feature_columns import LIST_COLUMNS
+from xdiff_cli.findings.feature_index import Feature
 
 SORT_LABELS = {"rank": "rank", "id": "id", "frequency": "freq", "max_activation": "s_max", "rel_norm": "R",
                "score": "score"}

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.plan import Plan
-from xdiff_cli.runs import CorruptRun, Run, list_runs, load_run, run_dir_for
-from xdiff_cli.settings import RunSettings
+from xdiff_cli.run.plan import Plan
+from xdiff_cli.run.runs import CorruptRun, Run, list_runs, load_run, run_dir_for
+from xdiff_cli.run.settings import RunSettings
 
 # --------------------------------------------------------------------------------------
 # Run selection: resume the newest identical unfinished run, or create one
@@ -93,7 +93,7 @@ def _snippet(text: str, start: int, end: int, width: int = 30) -> str:
 
 
 def top_features(run: Run, partition: str, limit: int = 3) -> list[FeatureLine]:
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     index = FeatureIndex.open(run.analysis_path)
     try:

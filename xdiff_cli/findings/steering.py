@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from xdiff_cli.arch import layer_output_tensor, replace_layer_output, text_config
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.models.arch import layer_output_tensor, replace_layer_output, text_config
 
 SIDES = ("a", "b")
 # Turn-end tokens of common chat formats; generation also stops at the model's own eos ids.
@@ -293,7 +293,7 @@ class Steerer:
     @property
     def index(self) -> Any:
         if self._index is None:
-            from xdiff_cli.feature_index import FeatureIndex
+            from xdiff_cli.findings.feature_index import FeatureIndex
 
             self._index = FeatureIndex.open(self.run.analysis_path)
         return self._index
@@ -301,7 +301,7 @@ class Steerer:
     @property
     def crosscoder(self) -> Any:
         if self._crosscoder is None:
-            from xdiff_cli.crosscoder import Crosscoder
+            from xdiff_cli.dfc.crosscoder import Crosscoder
 
             _ = self.index  # "not analysed yet" is the more useful first error
             self._crosscoder = Crosscoder.load(self.run.crosscoder_dir / "final")
@@ -353,7 +353,7 @@ class Steerer:
         """The LoadedModel for `side` (cached): run.json's local path, precision and device."""
         from pathlib import Path
 
-        from xdiff_cli.loading import load_model
+        from xdiff_cli.models.loading import load_model
 
         if side not in SIDES:
             raise XdiffError(f"unknown model {side!r}", "use a or b")

@@ -111,7 +111,7 @@ class Feature:
     label: str | None = None
     label_score: float | None = None  # detection AUC of an `xdiff label` label (label.py)
     examples: list[Example] = field(default_factory=list)
-    # From `xdiff verify` (None when not verified); see xdiff_cli/verify.py.
+    # From `xdiff verify` (None when not verified); see xdiff_cli/findings/verify.py.
     verdict: str | None = None
     verdict_reason: str | None = None
     verdict_confidence: str | None = None

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xdiff_cli.crosscoder import Crosscoder, CrosscoderConfig, SparseActs
+from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig, SparseActs
 from xdiff_cli.errors import XdiffError
 
 # ---------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class TrainConfig:
     dead_window_tokens: int | None = None  # None: min(10M, 5% of the tokens seen in training)
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
-    # True: the optimised step (xdiff_cli/sparse_step.py: sparse encoder backward, pre-filtered
+    # True: the optimised step (xdiff_cli/dfc/sparse_step.py: sparse encoder backward, pre-filtered
     # top-k, sparse decoder); False: the plain dense step it is tested and benchmarked against.
     sparse_decode: bool = True
     log_every: int = 50
@@ -235,7 +235,7 @@ class TrainConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    from xdiff_cli.hardware import resolve_device as resolve
+    from xdiff_cli.run.hardware import resolve_device as resolve
 
     return torch.device(resolve(device))
 
@@ -375,14 +375,18 @@ def training_forward(
 ) -> StepOutput:
     """One forward pass with BatchTopK and the full loss.
 
-    `tc.sparse_decode` (the default) takes the optimised route (xdiff_cli/sparse_step.py:
+    `tc.sparse_decode` (the default) takes the optimised route (xdiff_cli/dfc/sparse_step.py:
     sparse encoder backward, pre-filtered top-k, AuxK over the dead columns only, sparse
     decoder); False takes the plain dense route, the reference the optimised one must equal.
     `sync_free` (default: on CUDA) picks the optimised route's fixed-size variant."""
     k_aux = tc.k_aux if tc.k_aux is not None else min(512, (model.cfg.d_a + model.cfg.d_b) // 4)
     fast = None
-    if tc.sparse_decode and tc.aux_form == "joint":
-        from xdiff_cli.sparse_step import sparse_forward
+    # Under torchrun (`distributed.attach`) the batch top-k and AuxK variance must be global:
+    # the optimised route selects per process, so ranks take the sparse route below, whose
+    # `batch_topk_sparse` and residual variance `distributed` makes global.
+    one_process = getattr(model, "global_residual_variance", None) is None
+    if tc.sparse_decode and tc.aux_form == "joint" and one_process:
+        from xdiff_cli.dfc.sparse_step import sparse_forward
 
         if sync_free is None:
             sync_free = x_NA.device.type == "cuda"
@@ -414,7 +418,7 @@ def training_forward(
     else:
         recon = (sq_err_a + sq_err_b) / N
     if fast is not None:
-        from xdiff_cli.sparse_step import aux_joint_from_picks
+        from xdiff_cli.dfc.sparse_step import aux_joint_from_picks
 
         aux = aux_joint_from_picks(model, fast, resid_NA, resid_NB)
     elif tc.aux_form == "joint":
@@ -490,7 +494,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.dist is not None:
-            from xdiff_cli.distributed import after_backward
+            from xdiff_cli.dfc.distributed import after_backward
 
             after_backward(self, out)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -687,8 +691,8 @@ def train(
         raise XdiffError(f"--k ({cc.k}) cannot exceed the dictionary size ({cc.dict_size})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from xdiff_cli import distributed
     from xdiff_cli.atomic import clean_temp_files
+    from xdiff_cli.dfc import distributed
 
     dist = distributed.current()
     main = dist is None or dist.is_main  # only the main process writes files
@@ -892,7 +896,7 @@ def configs_from_settings(settings, d_a: int, d_b: int) -> tuple[CrosscoderConfi
     return cc, tc
 
 
-def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdiff_cli.runs.Run
+def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdiff_cli.run.runs.Run
     """The `train` stage of a run: reads `run.store_dir`, writes `run.crosscoder_dir`.
 
     Returns at once when `final/` exists; resumes from the newest checkpoint otherwise.
@@ -902,7 +906,7 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     from xdiff_cli.integrity import crosscoder_problem
 
     problem = crosscoder_problem(final_dir) if final_dir.exists() else "missing"
-    from xdiff_cli.distributed import current
+    from xdiff_cli.dfc.distributed import current
 
     main = current() is None or current().is_main
     if problem not in (None, "missing", "model.safetensors is missing") and main:
@@ -923,7 +927,7 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
             dead_fraction=m.get("dead_fraction", float("nan")),
             dead_blocks={key: m[key] for key in ("dead_a", "dead_b", "dead_shared") if key in m},
         )
-    from xdiff_cli.store import ActivationStore
+    from xdiff_cli.data.store import ActivationStore
 
     if not Path(run.store_dir).exists():
         raise XdiffError(f"run {run.id} has no activation store yet", "run `xdiff harvest` first")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from xdiff_cli.feature_index import Feature
+from xdiff_cli.findings.feature_index import Feature
 
 BLOCK_NAMES = {"a": "A-only", "b": "B-only", "shared": "shared"}
 PARTITION_SHORT = {"a": "A", "b": "B", "shared": "A+B"}

@@ -70,7 +70,7 @@ def config_num_layers(config: Any) -> int:
 
 
 def default_layer(num_layers: int) -> int:
-    from xdiff_cli.modelconfig import middle_layer
+    from xdiff_cli.models.modelconfig import middle_layer
 
     return middle_layer(num_layers)
 

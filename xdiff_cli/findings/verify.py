@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import torch
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.feature_index import (
+from xdiff_cli.findings.feature_index import (
     VERDICTS,
     Evidence,
     update_steer_checks,
@@ -487,7 +487,7 @@ class FeatureFacts:
 
 
 def read_feature_facts(index_path: Path) -> list[FeatureFacts]:
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     index = FeatureIndex.open(index_path)
     try:
@@ -584,7 +584,7 @@ def verify(
     With `documents` (the store: `document_text(doc_id)`), the probe is cross-fitted over
     word types: each token is predicted by a fit that never saw its word, so a model that
     merely tells the words apart does not pass for one that carries the concept."""
-    from xdiff_cli.analysis import _Documents
+    from xdiff_cli.findings.analysis import _Documents
 
     cfg = config or VerifyConfig()
     thresholds = thresholds or Thresholds.defaults(cfg)
@@ -641,7 +641,7 @@ def false_positive_count(facts: list[FeatureFacts], evidence: list[Evidence]) ->
 
 def verify_meta(index_path: Path) -> dict[str, Any] | None:
     """The `verify` meta entry of an analysis (None if not verified)."""
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     index = FeatureIndex.open(index_path)
     try:
@@ -690,7 +690,7 @@ class MirrorSplit:
         self.scale_a = self.scale_b = split.scale_a
 
     def load_shard(self, index: int) -> Any:
-        from xdiff_cli.store import Shard
+        from xdiff_cli.data.store import Shard
 
         s = self.split.load_shard(index)
         return Shard(acts_a=s.acts_a, acts_b=s.acts_a, doc_id=s.doc_id, start_a=s.start_a, start_b=s.start_a, end=s.end)
@@ -707,11 +707,11 @@ def null_control(run: Any, cfg: VerifyConfig, *, progress: bool = True) -> tuple
     the thresholds its probe scores set and its false-positive counts."""
     import dataclasses
 
-    from xdiff_cli.analysis import AnalysisConfig, analysis_is_valid, analyze
-    from xdiff_cli.crosscoder import Crosscoder
-    from xdiff_cli.feature_index import FeatureIndex
-    from xdiff_cli.store import ActivationStore
-    from xdiff_cli.training import configs_from_settings, train
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.dfc.crosscoder import Crosscoder
+    from xdiff_cli.dfc.training import configs_from_settings, train
+    from xdiff_cli.findings.analysis import AnalysisConfig, analysis_is_valid, analyze
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     out = null_dir(run)
     store = ActivationStore.open(run.store_dir)
@@ -781,7 +781,7 @@ def _prompt_log_probs(loaded: Any, ids: list[int]) -> torch.Tensor:
 
 def steer_kl(loaded: Any, layer: int, vector_D: torch.Tensor, prompts: tuple[str, ...] = STEER_PROMPTS) -> float:
     """Mean over prompts (and positions) of KL(steered ‖ plain) of next-token distributions."""
-    from xdiff_cli.steering import mean_kl, steer
+    from xdiff_cli.findings.steering import mean_kl, steer
 
     kls = []
     for prompt in prompts:
@@ -805,8 +805,8 @@ def steer_check_run(run: Any, n: int, *, alpha: float = 4.0, device: str | None 
     """KL in the own and the other model for the top `n` verified candidates; resumes (skips checked ones)."""
     from safetensors.torch import load_file
 
-    from xdiff_cli.feature_index import FeatureIndex
-    from xdiff_cli.steering import Steerer
+    from xdiff_cli.findings.feature_index import FeatureIndex
+    from xdiff_cli.findings.steering import Steerer
 
     fit_path = Path(run.dir) / "verify" / "probe_fit.safetensors"
     if not fit_path.is_file():
@@ -830,7 +830,7 @@ def steer_check_run(run: Any, n: int, *, alpha: float = 4.0, device: str | None 
         other = "b" if own == "a" else "a"
         if progress:
             progress(f"steer check: feature {f.id} in {own.upper()} and, mapped, in {other.upper()}")
-        from xdiff_cli.steering import steering_vector
+        from xdiff_cli.findings.steering import steering_vector
 
         v_own = steering_vector(cc, f.id, own, s_max[f.id], alpha)
         scale_other = cc.cfg.scale_a if other == "a" else cc.cfg.scale_b
@@ -856,9 +856,9 @@ def verify_run(
     """The verify stage of a run: evidence in `run.analysis_path`; idempotent and resumable.
 
     Returns the `verify` meta entry (summary, thresholds, null-run false positives)."""
-    from xdiff_cli.analysis import pick_device
-    from xdiff_cli.crosscoder import Crosscoder
-    from xdiff_cli.store import ActivationStore
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.dfc.crosscoder import Crosscoder
+    from xdiff_cli.findings.analysis import pick_device
 
     cfg = config or VerifyConfig(device=pick_device(run.settings.device))
     meta = verify_meta(run.analysis_path)

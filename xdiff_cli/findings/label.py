@@ -742,7 +742,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def select_features(index_path: Path, partition: str, limit: int | None) -> list[tuple[int, str]]:
     """(feature id, view) of the live features to label, in the default ranking order."""
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     if partition not in PARTITIONS:
         raise XdiffError(f"unknown partition {partition!r}", "use a, b, candidates or all")
@@ -827,8 +827,8 @@ def make_backend(model: str | None, endpoint: str | None, *, device: str = "auto
             raise XdiffError("--endpoint needs --model NAME (the model the server should use)")
         return OpenAIEndpoint(endpoint, model, api_key_env=api_key_env)
     spec = model or DEFAULT_LOCAL_MODEL
-    from xdiff_cli.loading import load_model
-    from xdiff_cli.pull import fetch
+    from xdiff_cli.models.loading import load_model
+    from xdiff_cli.models.pull import fetch
 
     fetched = fetch(spec, allow_pickle_weights=bool(getattr(settings, "allow_pickle_weights", False)))
     path = fetched.path
@@ -840,8 +840,8 @@ def run_evidence(run, device: str = "cpu", config: LabelConfig = LabelConfig(), 
     """An `evidence_for` reading the run's crosscoder and eval split (loaded only when called)."""
 
     def evidence_for(todo: list[tuple[int, str]]) -> dict[int, FeatureEvidence]:
-        from xdiff_cli.crosscoder import Crosscoder
-        from xdiff_cli.store import ActivationStore
+        from xdiff_cli.data.store import ActivationStore
+        from xdiff_cli.dfc.crosscoder import Crosscoder
 
         crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=device)
         store = ActivationStore.open(run.store_dir)
@@ -870,7 +870,7 @@ def label_run(
 ) -> LabelSummary:
     """Label the top `limit` live features of `partition` of an analysed run (`xdiff label`,
     `xdiff run --label`). The labeller is loaded only when something is left to label."""
-    from xdiff_cli.loading import resolve_device
+    from xdiff_cli.models.loading import resolve_device
 
     features = select_features(run.analysis_path, partition, limit)
     if not features:

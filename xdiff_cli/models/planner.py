@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli import modelconfig, settings
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.models import modelconfig
+from xdiff_cli.run import settings
 
 GiB = 1024**3
 QUANT_ORDER = ("none", "8bit", "4bit")
@@ -171,7 +172,7 @@ def harvest_working_bytes(fp: ModelFootprint, batch_size: int = 8, context_lengt
     return tokens * fp.hidden_size * 2 * 24 + batch_size * fp.vocab_size * 4
 
 
-default_dict_size = settings.default_dict_size  # one home: xdiff_cli/settings.py
+default_dict_size = settings.default_dict_size  # one home: xdiff_cli/run/settings.py
 
 
 def crosscoder_parameters(d_a: int, d_b: int, dict_size: int) -> int:
@@ -313,7 +314,7 @@ def available_memory(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
-        from xdiff_cli.loading import resolve_device
+        from xdiff_cli.models.loading import resolve_device
 
         device = resolve_device(device)  # a clear error when no CUDA GPU is visible
         index = int(device.split(":", 1)[1]) if ":" in device else 0

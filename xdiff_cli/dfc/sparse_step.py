@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xdiff_cli.crosscoder import Crosscoder, SparseActs
+from xdiff_cli.dfc.crosscoder import Crosscoder, SparseActs
 
 # The pre-filter cut as a fraction of the running threshold. The smallest kept score of a
 # batch scatters around the threshold; at 0.8 about 2-4× k·N candidates survive (0.5 lets

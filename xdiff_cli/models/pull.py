@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli import modelconfig, paths
+from xdiff_cli import paths
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.runs import ModelRecord, Run
+from xdiff_cli.models import modelconfig
+from xdiff_cli.run.runs import ModelRecord, Run
 
 TINY_SCHEME = "tiny:"
 TINY_BUILD_ORDER = ("llama", "qwen3", "gptoss")  # build order fixes each tiny model's seed
@@ -24,7 +25,7 @@ TINY_BUILD_ORDER = ("llama", "qwen3", "gptoss")  # build order fixes each tiny m
 def tiny_model_dir(spec: str) -> Path:
     """Build (once, offline) and return the tiny model named by `tiny:NAME`."""
     from xdiff_cli.locks import exclusive
-    from xdiff_cli.tiny import build_tiny_models
+    from xdiff_cli.models.tiny import build_tiny_models
 
     name = spec[len(TINY_SCHEME) :]
     if name not in TINY_BUILD_ORDER:
@@ -54,8 +55,8 @@ def fetch(spec: Any, *, allow_pickle_weights: bool = False, trust_remote_code: b
     `hub.ModelSpec`), downloaded when needed."""
     if isinstance(spec, str) and spec.startswith(TINY_SCHEME):
         return Fetched(spec, tiny_model_dir(spec), None, "local")
-    from xdiff_cli.hub import fetch_model, parse_model_spec
     from xdiff_cli.locks import exclusive
+    from xdiff_cli.models.hub import fetch_model, parse_model_spec
 
     parsed = parse_model_spec(spec) if isinstance(spec, str) else spec
     spec = parsed.text if not isinstance(spec, str) else spec
@@ -123,7 +124,7 @@ def config_facts(spec: str, folder: Path) -> ModelFacts:
     else:
         n_params = None
     try:
-        from xdiff_cli.planner import estimate_parameters
+        from xdiff_cli.models.planner import estimate_parameters
 
         linear_params: float | None = float(estimate_parameters(config)[1])
     except (XdiffError, KeyError, TypeError, ValueError, ZeroDivisionError):
@@ -136,11 +137,11 @@ def model_facts(spec: str) -> ModelFacts:
     try:
         if spec.startswith(TINY_SCHEME):
             return config_facts(spec, tiny_model_dir(spec))
-        from xdiff_cli.hub import fetch_metadata
+        from xdiff_cli.models.hub import fetch_metadata
 
         return config_facts(spec, fetch_metadata(spec))
     except XdiffError:
-        from xdiff_cli.presets import shipped_config_dir
+        from xdiff_cli.run.presets import shipped_config_dir
 
         shipped = shipped_config_dir(spec)  # offline: the facts shipped for preset models
         return config_facts(spec, shipped) if shipped else ModelFacts(spec)  # else pull reports the problem
@@ -150,8 +151,8 @@ def model_facts(spec: str) -> ModelFacts:
 
 def pull_stage(run: Run, ctx: Any) -> None:  # ctx: stages.StageContext
     """Resolve/download both models, plan their precision, record where and how they load."""
-    from xdiff_cli.hardware import detect_hardware
-    from xdiff_cli.plan import memory_plan
+    from xdiff_cli.run.hardware import detect_hardware
+    from xdiff_cli.run.plan import memory_plan
 
     settings = run.settings
     hardware = ctx.hardware or detect_hardware()
@@ -177,11 +178,11 @@ def load_pulled_model(run: Run, side: str, ctx: Any, device: str | None = None) 
     """Load model `side` as pull recorded it; custom code only if this command line allows it.
 
     `device` overrides the recorded one (each torchrun rank loads onto its own GPU)."""
-    from xdiff_cli.loading import load_model
+    from xdiff_cli.models.loading import load_model
 
     model = run.models.get(side)
     if model is None or model.path is None:
-        from xdiff_cli.stages import stage_command
+        from xdiff_cli.run.stages import stage_command
 
         raise XdiffError(f"run {run.id}: stage pull has not run", f"run `{stage_command('pull', run.id)}`")
     return load_model(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xdiff_cli.ranking import EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW
+from xdiff_cli.findings.ranking import EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW
 
 COSINE_MATCH = 0.8
 
@@ -149,7 +149,7 @@ def score_recovery(model, world: ToyWorld) -> Recovery:  # noqa: ANN001 - Crossc
 
 def toy_source(world: ToyWorld, n_tokens: int, shard_size: int = 16_384):
     """An in-memory activation source over `n_tokens` samples of `world`."""
-    from xdiff_cli.training import InMemorySource
+    from xdiff_cli.dfc.training import InMemorySource
 
     x_a, x_b = world.sample(n_tokens)
     return InMemorySource(x_a, x_b, shard_size=shard_size)

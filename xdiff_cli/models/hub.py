@@ -87,7 +87,7 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise XdiffError(
             "empty model argument", "pass a hub id like org/name[@revision] or a local directory"
         )
-    from xdiff_cli.ggufmodels import is_gguf_spec
+    from xdiff_cli.models.ggufmodels import is_gguf_spec
 
     if is_gguf_spec(text):
         return ModelSpec(text, gguf=True)
@@ -220,7 +220,7 @@ def fetch_model(
     """Resolve a model argument to a local directory, downloading from the hub when needed."""
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     if spec.gguf:
-        from xdiff_cli.ggufmodels import convert
+        from xdiff_cli.models.ggufmodels import convert
 
         converted = convert(spec.text)
         return FetchedModel(converted.path, spec, None, "sha256:" + converted.sha256)
@@ -250,7 +250,7 @@ def fetch_metadata(spec: str | ModelSpec, *, token: str | None = None) -> Path:
     """A local dir with config.json (+ safetensors index when the repo has one), no weights."""
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     if spec.gguf:
-        from xdiff_cli.ggufmodels import header_dir
+        from xdiff_cli.models.ggufmodels import header_dir
 
         return header_dir(spec.text)  # config.json from the GGUF header: nothing dequantised
     if spec.is_local:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli.alignment import ContentSpan
+from xdiff_cli.data.alignment import ContentSpan
 from xdiff_cli.errors import XdiffError
 
 MESSAGE_SEPARATOR = "\n\n"
@@ -125,7 +125,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, list[dict[str, str]] | None]]
 
 
 def builtin_smoke_path() -> Path:
-    return Path(__file__).parent / "data" / "smoke.jsonl"
+    return Path(__file__).parent / "smoke.jsonl"  # beside this module, in the data package
 
 
 def _read_hub_dataset(spec: str, seed: int) -> Iterator[tuple[str, list[dict[str, str]] | None]]:
@@ -173,7 +173,7 @@ def _open_source(source: str, seed: int) -> Iterator[tuple[str, list[dict[str, s
     if source == "builtin:smoke":
         return _read_jsonl(builtin_smoke_path())
     if source == "builtin:prose":
-        from xdiff_cli.prose import prose_documents
+        from xdiff_cli.data.prose import prose_documents
 
         return prose_documents()
     if source.startswith("builtin:"):

@@ -29,11 +29,17 @@ from typing import Any
 import numpy as np
 
 from xdiff_cli import paths
-from xdiff_cli.alignment import AlignedPairs, align, token_spans
-from xdiff_cli.arch import layer_output_tensor
-from xdiff_cli.corpus import MESSAGE_SEPARATOR, Document, canonical_chat_text, iter_documents, render_document
+from xdiff_cli.data.alignment import AlignedPairs, align, token_spans
+from xdiff_cli.data.corpus import (
+    MESSAGE_SEPARATOR,
+    Document,
+    canonical_chat_text,
+    iter_documents,
+    render_document,
+)
+from xdiff_cli.data.store import DTYPES, ActivationStore, Shard, StoreWriter, estimate_bytes
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.store import DTYPES, ActivationStore, Shard, StoreWriter, estimate_bytes
+from xdiff_cli.models.arch import layer_output_tensor
 
 DEFAULT_SHARD_TOKENS = 65_536
 MIN_SHARD_TOKENS = 64
@@ -324,7 +330,7 @@ def _estimate_scales(store_dir: Path, manifest: dict[str, Any]) -> tuple[float, 
     """Each model's normalisation scalar from the first stored pairs."""
     import torch
 
-    from xdiff_cli.store import SHARDS_DIR, load_shard_file
+    from xdiff_cli.data.store import SHARDS_DIR, load_shard_file
 
     norms_a, norms_b, seen = [], [], 0
     for entry in manifest["shards"]:
@@ -491,7 +497,7 @@ def harvest(
 
         err_console.print(f"[yellow]the corpus ran out after {done:,} aligned tokens (asked for {tokens:,})[/]")
     if part is not None:
-        from xdiff_cli.parts import write_scale_sample
+        from xdiff_cli.data.parts import write_scale_sample
 
         write_scale_sample(out_dir, manifest, SCALE_SAMPLE_TOKENS)
         writer.finish_part(aligned_fraction=_aligned_fraction(manifest["stats"]))
@@ -537,7 +543,7 @@ def harvest_run(run: Any, model_a: Any, model_b: Any, progress: bool = True, par
     metrics; marking the stage done is the stage runner's job. With `part`, harvests that
     part into its part store and returns the part store's path (`parts.merge_parts` then
     builds the run's store)."""
-    from xdiff_cli.parts import part_dir
+    from xdiff_cli.data.parts import part_dir
 
     settings = run.settings
     models = run.models
@@ -578,8 +584,8 @@ def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
     if ctx.dist is not None:
         _harvest_rank(run, ctx)
         return
-    from xdiff_cli.hardware import free_accelerator_memory
-    from xdiff_cli.pull import load_pulled_model
+    from xdiff_cli.models.pull import load_pulled_model
+    from xdiff_cli.run.hardware import free_accelerator_memory
 
     loaded = []
     try:
@@ -598,10 +604,10 @@ def harvest_part(run: Any, ctx: Any, part: Any, device: str | None = None, loade
     holds the part's lock, not the run's, so the parts of one run (a SLURM array) can be
     harvested at the same time. `loaded_first` is called once the models are loaded (torchrun:
     rank 0 loads first, so the others find anything it had to build in the cache)."""
-    from xdiff_cli.hardware import free_accelerator_memory
+    from xdiff_cli.data.parts import PARTS_DIR
     from xdiff_cli.locks import exclusive
-    from xdiff_cli.parts import PARTS_DIR
-    from xdiff_cli.pull import load_pulled_model
+    from xdiff_cli.models.pull import load_pulled_model
+    from xdiff_cli.run.hardware import free_accelerator_memory
 
     lock = Path(run.store_dir) / PARTS_DIR / f".{part.dirname}.lock"
     loaded = []
@@ -618,7 +624,7 @@ def harvest_part(run: Any, ctx: Any, part: Any, device: str | None = None, loade
 
 def merge_run_parts(run: Any) -> ActivationStore:
     """Join a run's harvested parts into its activation store; records the harvest metrics."""
-    from xdiff_cli.parts import merge_parts
+    from xdiff_cli.data.parts import merge_parts
 
     store = merge_parts(run.store_dir, eval_fraction=run.settings.eval_fraction)
     run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
@@ -632,7 +638,7 @@ def _harvest_rank(run: Any, ctx: Any) -> None:
     the first barrier, then read the models it recorded."""
     import torch
 
-    from xdiff_cli.parts import Part
+    from xdiff_cli.data.parts import Part
 
     dist = ctx.dist
     device = None

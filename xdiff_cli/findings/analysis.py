@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.ranking import ARTIFACT_SHARE, EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW, RANKING_HELP  # noqa: E402,F401
+from xdiff_cli.findings.ranking import ARTIFACT_SHARE, EXCLUSIVE_R_HIGH, EXCLUSIVE_R_LOW, RANKING_HELP  # noqa: E402,F401
 
 JUNK_SHARE = 0.5  # share of firing mass on junk tokens/positions that makes a feature an artifact
 JUNK_POSITIONS = 2  # a document's first aligned tokens (attention sinks) count as junk
@@ -602,7 +602,7 @@ def analyze(
     progress: bool = False,
 ) -> Path:
     """Analyse `crosscoder` on `eval_split`; write the FeatureIndex to `out_path` atomically."""
-    from xdiff_cli.feature_index import FeatureIndexWriter
+    from xdiff_cli.findings.feature_index import FeatureIndexWriter
 
     cfg = config or AnalysisConfig(top_k=top_k)
     if eval_split.num_shards == 0 or eval_split.n_tokens == 0:
@@ -648,7 +648,7 @@ def analyze(
 
 def dead_by_block(crosscoder, dead_F: torch.Tensor) -> dict[str, float]:  # noqa: ANN001
     """`dead_a`, `dead_b` (DFC only), `dead_shared`: the share of each block that never fired."""
-    from xdiff_cli.training import dead_by_block as by_block
+    from xdiff_cli.dfc.training import dead_by_block as by_block
 
     return by_block(crosscoder, dead_F)
 
@@ -695,7 +695,7 @@ def analysis_is_valid(path: Path) -> bool:
 
 
 def pick_device(requested: str = "auto") -> str:
-    from xdiff_cli.hardware import resolve_device
+    from xdiff_cli.run.hardware import resolve_device
 
     return resolve_device(requested or "auto")
 
@@ -703,9 +703,9 @@ def pick_device(requested: str = "auto") -> str:
 def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noqa: ANN001 - runs.Run
     """The analyse stage of a run: `run.analysis_path`, computed once (idempotent)."""
     from xdiff_cli.atomic import clean_temp_files
-    from xdiff_cli.crosscoder import Crosscoder
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.integrity import crosscoder_problem, store_problem
-    from xdiff_cli.store import ActivationStore
 
     path = run.analysis_path
     clean_temp_files(path.parent, recursive=False)  # a killed analysis' .analysis.sqlite.*.tmp(-journal)
@@ -733,7 +733,7 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     }
     config = AnalysisConfig(top_k=settings.top_examples, device=device)
     analyze(crosscoder, store.split("eval"), store, path, config=config, meta=meta, progress=progress)
-    from xdiff_cli.feature_index import FeatureIndex
+    from xdiff_cli.findings.feature_index import FeatureIndex
 
     index = FeatureIndex.open(path)
     try:

@@ -33,8 +33,8 @@ from typing import Any
 from xdiff_cli import __version__, paths
 from xdiff_cli.atomic import read_json, write_json
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.settings import RunSettings
-from xdiff_cli.stages import COMPLETE_THROUGH, STAGE_NAMES, missing_stage, stage_command
+from xdiff_cli.run.settings import RunSettings
+from xdiff_cli.run.stages import COMPLETE_THROUGH, STAGE_NAMES, missing_stage, stage_command
 
 STATUSES = ("running", "done", "failed", "interrupted")
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli import hardware
-from xdiff_cli.arch import ArchAdapter
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.modelconfig import read_config
+from xdiff_cli.models.arch import ArchAdapter
+from xdiff_cli.models.modelconfig import read_config
+from xdiff_cli.run import hardware
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
 
-resolve_device = hardware.resolve_device  # one home: xdiff_cli/hardware.py
+resolve_device = hardware.resolve_device  # one home: xdiff_cli/run/hardware.py
 
 
 def default_dtype(device: str) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.settings import RunSettings
+from xdiff_cli.run.settings import RunSettings
 
 if sys.version_info >= (3, 11):
     import tomllib

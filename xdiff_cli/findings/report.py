@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli.feature_columns import format_frequency, why
-from xdiff_cli.feature_index import Example, Feature, FeatureIndex
+from xdiff_cli.findings.feature_columns import format_frequency, why
+from xdiff_cli.findings.feature_index import Example, Feature, FeatureIndex
 
 SETTINGS_SHOWN = (
     "corpus", "tokens", "layer_a", "layer_b", "context_length", "eval_fraction", "arch", "dict_size", "k",
@@ -23,7 +23,7 @@ SETTINGS_SHOWN = (
 )
 N_HIST_BINS = 20
 EXAMPLES_PER_FEATURE = 5
-from xdiff_cli.ranking import EXCLUSIVE_R_LOW as EXCLUSIVE_R  # noqa: E402 - R < it (B) or > 1 - it (A)
+from xdiff_cli.findings.ranking import EXCLUSIVE_R_LOW as EXCLUSIVE_R  # noqa: E402 - R < it (B) or > 1 - it (A)
 
 
 @dataclass

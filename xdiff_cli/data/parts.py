@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from xdiff_cli.atomic import atomic_path, carry_recorded_sum, read_json, write_json
+from xdiff_cli.data.store import DOCUMENTS, IDENTITY_FIELDS, MANIFEST, SHARDS_DIR, ActivationStore, shard_name
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.store import DOCUMENTS, IDENTITY_FIELDS, MANIFEST, SHARDS_DIR, ActivationStore, shard_name
 
 PARTS_DIR = "parts"
 SCALE_SAMPLE = "scale_sample.safetensors"
@@ -87,7 +87,7 @@ def write_scale_sample(part_store: Path, manifest: dict[str, Any], sample_tokens
     import torch
     from safetensors.torch import save_file
 
-    from xdiff_cli.store import load_shard_file
+    from xdiff_cli.data.store import load_shard_file
 
     norm_a, norm_b, doc_id, seen = [], [], [], 0
     for entry in manifest["shards"]:
@@ -170,7 +170,7 @@ def merged_scales(parts: list[tuple[Path, dict[str, Any]]], d_a: int, d_b: int, 
     import torch
     from safetensors.torch import load_file
 
-    from xdiff_cli.harvest import normalisation_scale
+    from xdiff_cli.data.harvest import normalisation_scale
 
     samples = [load_file(str(path / SCALE_SAMPLE)) for path, _ in parts]
     doc_id = torch.cat([s["doc_id"] for s in samples])
@@ -196,7 +196,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def merge_parts(store_dir: Path | str, *, eval_fraction: float) -> ActivationStore:
     """Join `store_dir/parts/*` into the store at `store_dir` (idempotent; redone if interrupted)."""
-    from xdiff_cli.harvest import SCALE_SAMPLE_TOKENS, _aligned_fraction
+    from xdiff_cli.data.harvest import SCALE_SAMPLE_TOKENS, _aligned_fraction
 
     store_dir = Path(store_dir)
     if (store_dir / MANIFEST).is_file():

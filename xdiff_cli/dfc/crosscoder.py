@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.settings import exclusive_size
+from xdiff_cli.run.settings import exclusive_size
 
 PARTITIONS = ("a", "b", "shared")
 

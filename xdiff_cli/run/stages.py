@@ -26,7 +26,7 @@ from xdiff_cli import paths
 from xdiff_cli.errors import XdiffError
 
 if TYPE_CHECKING:
-    from xdiff_cli.runs import Run
+    from xdiff_cli.run.runs import Run
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,16 @@ class Stage:
 
 # The pipeline, in order. One line per stage.
 STAGES: tuple[Stage, ...] = (
-    Stage("pull", "pull models", "xdiff_cli.pull:pull_stage", (), "xdiff harvest --run {run}"),
-    Stage("harvest", "harvest aligned activations", "xdiff_cli.harvest:harvest_stage", ("activations",),
+    Stage("pull", "pull models", "xdiff_cli.models.pull:pull_stage", (), "xdiff harvest --run {run}"),
+    Stage("harvest", "harvest aligned activations", "xdiff_cli.data.harvest:harvest_stage", ("activations",),
           "xdiff harvest --run {run}"),
-    Stage("train", "train the crosscoder", "xdiff_cli.training:train_stage", ("crosscoder",),
+    Stage("train", "train the crosscoder", "xdiff_cli.dfc.training:train_stage", ("crosscoder",),
           "xdiff train --run {run}"),
-    Stage("analyze", "analyse features", "xdiff_cli.analysis:analyze_stage", ("analysis.sqlite",),
+    Stage("analyze", "analyse features", "xdiff_cli.findings.analysis:analyze_stage", ("analysis.sqlite",),
           "xdiff analyze --run {run}"),
     # Evidence goes into analysis.sqlite (redone with analyze); verify/ holds the probe fit
     # and the null run, and deleting it makes verify recompute.
-    Stage("verify", "verify candidates (transfer probe)", "xdiff_cli.verify:verify_stage", ("verify",),
+    Stage("verify", "verify candidates (transfer probe)", "xdiff_cli.findings.verify:verify_stage", ("verify",),
           "xdiff verify --run {run}"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

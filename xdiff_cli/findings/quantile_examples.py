@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from xdiff_cli.feature_index import Example
+from xdiff_cli.findings.feature_index import Example
 
 BANDS = ((0.5, 0.75), (0.25, 0.5), (0.0, 0.25))
 
@@ -41,7 +41,7 @@ def quantile_examples(
     """`per_band` random firings of `feature` in each band of its activation (fraction of `s_max`)."""
     import torch
 
-    from xdiff_cli.analysis import AnalysisConfig, _Documents, _example_rows, _normalised
+    from xdiff_cli.findings.analysis import AnalysisConfig, _Documents, _example_rows, _normalised
 
     device = torch.device("cpu")
     crosscoder = crosscoder.to(device).eval()
@@ -95,9 +95,9 @@ def quantile_examples(
 
 def quantile_examples_for_run(run: Any, feature: int, s_max: float, per_band: int = 3) -> list[QuantileBand]:
     """`quantile_examples` over a run's trained crosscoder and held-out activations."""
-    from xdiff_cli.crosscoder import Crosscoder
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.errors import XdiffError
-    from xdiff_cli.store import ActivationStore
 
     if not run.store_dir.is_dir():
         raise XdiffError("this run has no activation store", "lower-quantile examples need the harvested activations")

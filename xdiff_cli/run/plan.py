@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from xdiff_cli import paths
+from xdiff_cli.data.store import estimate_bytes
 from xdiff_cli.errors import XdiffError
-from xdiff_cli.hardware import Hardware, detect_hardware
-from xdiff_cli.presets import Preset, apply_preset, load_preset, match_preset
-from xdiff_cli.pull import TINY_SCHEME, ModelFacts, model_facts
-from xdiff_cli.settings import RunSettings, default_dict_size, exclusive_size
-from xdiff_cli.store import estimate_bytes
+from xdiff_cli.models.pull import TINY_SCHEME, ModelFacts, model_facts
+from xdiff_cli.run.hardware import Hardware, detect_hardware
+from xdiff_cli.run.presets import Preset, apply_preset, load_preset, match_preset
+from xdiff_cli.run.settings import RunSettings, default_dict_size, exclusive_size
 
 # Without a preset, the defaults are sized to what this machine can finish.
 CPU_PROFILE = {"tokens": 50_000, "context_length": 256, "dict_size": 4096, "k": 32, "steps": 2000,
@@ -91,7 +91,7 @@ def resolve_settings(
             )
     settings = settings.updated(**options).validate()
     # A GPU asked for but absent is a user error now, before any planning touches CUDA.
-    from xdiff_cli.hardware import resolve_device
+    from xdiff_cli.run.hardware import resolve_device
 
     resolve_device(settings.device)
     if _same_model(settings.model_a, settings.model_b):
@@ -177,7 +177,7 @@ def memory_plan(settings: RunSettings, hardware: Hardware, a: ModelFacts, b: Mod
     """The planner's precision choice for this pair (None when a config is not reachable yet)."""
     if a.folder is None or b.folder is None:
         return None
-    from xdiff_cli import planner
+    from xdiff_cli.models import planner
 
     device = hardware.device_for(settings.device)
     return planner.plan_memory(
@@ -223,7 +223,7 @@ def make_plan(resolved: ResolvedSettings, hardware: Hardware | None = None, chec
 
 def check_inputs(plan: Plan, run_dir: Path | None = None, done_store_bytes: int = 0) -> None:
     """Cheap checks that must fail before anything heavy: corpus, layers, disk."""
-    from xdiff_cli.corpus import check_corpus
+    from xdiff_cli.data.corpus import check_corpus
 
     check_corpus(plan.settings.corpus)
     for side, facts, layer in (("a", plan.model_a, plan.settings.layer_a), ("b", plan.model_b, plan.settings.layer_b)):

@@ -1,0 +1,1 @@
+"""xdiff_cli.data: see docs/ARCHITECTURE.md."""

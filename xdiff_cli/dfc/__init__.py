@@ -1,0 +1,1 @@
+"""xdiff_cli.dfc: see docs/ARCHITECTURE.md."""

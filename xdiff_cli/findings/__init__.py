@@ -1,0 +1,1 @@
+"""xdiff_cli.findings: see docs/ARCHITECTURE.md."""

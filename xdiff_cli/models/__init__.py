@@ -1,0 +1,1 @@
+"""xdiff_cli.models: see docs/ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""xdiff_cli.run: see docs/ARCHITECTURE.md."""
