@@ -477,3 +477,15 @@ def test_a_huge_line_is_read_tokenized_and_stored_only_up_to_its_window(tiny_pai
     assert 20 in [json.loads(line)["doc_id"] for line in (tmp_path / "store" / "documents.jsonl").read_text().splitlines()]
     assert max(len(t) for t in texts) <= window_chars(64)
     assert store_problem(store.dir) is None
+
+
+def test_a_jsonl_record_too_long_to_parse_is_skipped_with_a_note_and_the_rest_is_read(tmp_path, monkeypatch, capsys):
+    from xdiff_cli.data import corpus
+
+    monkeypatch.setattr(corpus, "MAX_JSONL_RECORD_CHARS", 64)
+    path = tmp_path / "corpus.jsonl"
+    records = [{"text": "first short record"}, {"text": "x" * 500}, {"text": "third short record"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts = [text for text, _ in corpus._read_jsonl(path)]
+    assert texts == ["first short record", "third short record"]
+    assert f"skipped {path}:2" in capsys.readouterr().err

@@ -105,9 +105,30 @@ def _read_txt(path: Path) -> Iterator[tuple[str, None]]:
                 yield line, None
 
 
+# A JSON record cannot be cut like a text line; one longer than this is skipped, with a note,
+# so memory stays bounded whatever the input (its text would be cut by the harvest anyway).
+MAX_JSONL_RECORD_CHARS = 8 * MAX_DOCUMENT_CHARS
+
+
+def _jsonl_lines(fh: Any, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of records up to MAX_JSONL_RECORD_CHARS; longer ones are skipped unread."""
+    line_no = 0
+    while line := fh.readline(MAX_JSONL_RECORD_CHARS):
+        line_no += 1
+        if len(line) == MAX_JSONL_RECORD_CHARS and not line.endswith("\n"):
+            while (rest := fh.readline(MAX_JSONL_RECORD_CHARS)) and not rest.endswith("\n"):
+                pass
+            from xdiff_cli.console import err_console
+
+            err_console.print(f"note: skipped {path}:{line_no}: a record over {MAX_JSONL_RECORD_CHARS:,} characters",
+                              soft_wrap=True, markup=False)
+            continue
+        yield line_no, line
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, list[dict[str, str]] | None]]:
     with path.open(encoding="utf-8", errors="replace") as fh:
-        for line_no, line in enumerate(fh, start=1):
+        for line_no, line in _jsonl_lines(fh, path):
             if not line.strip():
                 continue
             try:
