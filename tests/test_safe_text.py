@@ -128,3 +128,15 @@ def test_steer_columns_show_model_output_escapes_visibly():
         console.print(_columns(f"base{PAYLOAD}", f"steered{CLEAR}", [(3, 4.0)], "title"))
     assert_inert(captured.get())
     assert "base␛[2J" in captured.get()
+
+
+def test_runs_table_shows_model_names_from_run_json_inert_and_without_markup():
+    run = make_analysed_run()
+    path = run.dir / "run.json"
+    record = json.loads(path.read_text())
+    record["settings"]["model_a"] = "evil\x1b]52;c;ZXZpbA==\x07[bold]A"
+    path.write_text(json.dumps(record))
+    result = runner.invoke(app, ["runs"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert_inert(result.output)
+    assert "[bold]A" in result.output  # shown as text, not taken as markup

@@ -250,6 +250,7 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
     from xdiff_cli.run import pipeline
     from xdiff_cli.run.formatting import format_bytes
     from xdiff_cli.run.runs import scan_runs
+    from xdiff_cli.safe_text import inert
 
     infos = [pipeline.run_info(r) for r in scan_runs()]
     if as_json:
@@ -273,7 +274,10 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
         m = info["metrics"]
         fve_a, fve_b = m.get("eval_fve_a", m.get("fve_a")), m.get("eval_fve_b", m.get("fve_b"))
         fve = f"{fve_a:.3f}/{fve_b:.3f}" if fve_a is not None and fve_b is not None else "-"
-        models = f"{info['models']['a']}\nvs {info['models']['b']}" if "error" not in info else escape(info["error"])
+        # Model names come from run.json (any text a user or a tool wrote): inert, and no markup.
+        models = (escape(inert(f"{info['models']['a']}", one_line=True)) + "\nvs "
+                  + escape(inert(f"{info['models']['b']}", one_line=True))) if "error" not in info \
+            else escape(inert(info["error"], one_line=True))
         cells = {"id": info["id"], "models": models, "created": (info["created"] or "")[:19].replace("T", " "),
                  "stage": info["stage"], "FVE A/B": fve, "disk": format_bytes(info["disk_bytes"])}
         table.add_row(*(cells[c] for c in columns))

@@ -129,8 +129,12 @@ def _stream_side(steerer, prompt, features, side, options, console):  # noqa: AN
     """Generate on one model, streaming both columns live on a terminal (printed once when
     piped); print the KL line after."""
     from rich.live import Live
+    from rich.markup import escape
 
-    title = f"model {side.upper()} · {steerer.model_name(side)} · layer {steerer.layer(side)}"
+    from xdiff_cli.safe_text import inert
+
+    name = escape(inert(steerer.model_name(side), one_line=True))  # run.json text: inert, no markup
+    title = f"model {side.upper()} · {name} · layer {steerer.layer(side)}"
     if not console.is_terminal:
         result = steerer.generate(prompt, features, side=side, **options)
         console.print(_columns(result.baseline, result.steered, features, title))

@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static, Tab, Tabs
 
 from xdiff_cli.findings.feature_index import FeatureIndex
 from xdiff_cli.run.runs import Run
+from xdiff_cli.safe_text import inert
 from xdiff_cli.tui.widgets.feature_detail import FeatureDetail
 from xdiff_cli.tui.widgets.feature_table import SORT_LABELS, FeatureTable
 
@@ -76,7 +77,7 @@ class FeaturesScreen(Screen):
         for side in ("a", "b"):
             info = self.run.record.models.get(side)
             name = (info and (info.repo_id or info.spec)) or getattr(self.run.settings, f"model_{side}")
-            names.append(f"{side.upper()} {name}")
+            names.append(f"{side.upper()} {inert(str(name), one_line=True)}")  # run.json text: inert
         return " vs ".join(names)
 
     # --- layout ------------------------------------------------------------------
