@@ -229,7 +229,9 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     # `xdiff label` labels get their own column (with their detection AUC) once a listed row
     # has one; otherwise analysis' notes (e.g. tokenization artifacts) prefix the example.
     labelled = any(f.label_score is not None for f in rows)
-    verified = index.verified
+    # The verdict already shows in the `why` column (feature_columns.why); a column of its own
+    # only where there is room for it beside a readable example.
+    verified = index.verified and (width or terminal_width()) >= 120
     fixed = sum(c.width + 1 for c in LIST_COLUMNS) + (LABEL_WIDTH + 1 if labelled else 0) + (VERDICT_WIDTH + 1 if verified else 0)
     example_width = width - fixed
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,

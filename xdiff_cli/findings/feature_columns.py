@@ -18,7 +18,7 @@ from xdiff_cli.findings.feature_index import Feature
 
 BLOCK_NAMES = {"a": "A-only", "b": "B-only", "shared": "shared"}
 PARTITION_SHORT = {"a": "A", "b": "B", "shared": "A+B"}
-VERDICT_WHY = {"exclusive": "verified excl.", "analogous": "analogous", "weak": "weak evidence"}
+VERDICT_WHY = {"exclusive": "exclusive", "analogous": "analogous", "weak": "weak evidence"}
 
 
 def format_frequency(frequency: float) -> str:
@@ -52,7 +52,7 @@ def why(feature: Feature) -> str:
     if not feature.alive:
         return "dead: never fires"
     if feature.verdict in VERDICT_WHY:  # `xdiff verify` evidence outranks the block prior
-        where = " (shared block)" if feature.found_in_shared else ""
+        where = " (in shared)" if feature.found_in_shared else ""
         return f"{VERDICT_WHY[feature.verdict]}{where}"
     words = f"{feature.n_distinct_tokens} word" + ("" if feature.n_distinct_tokens == 1 else "s")
     if feature.token_artifact:
