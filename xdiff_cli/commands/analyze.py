@@ -185,13 +185,6 @@ def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Exam
 VERDICT_STYLE = {"exclusive": "bold green", "analogous": "yellow", "weak": "dim", "dead": "dim red"}
 
 
-def live_counts_text(index) -> str:  # noqa: ANN001 - FeatureIndex
-    """'live A 3/26, B 1/26, shared 900/3,994': features that fire on held-out text, per block."""
-    live = index.live_counts()
-    parts = [f"{name} {live[p]:,}/{index.count(p):,}" for p, name in (("a", "A"), ("b", "B"), ("shared", "shared"))]
-    return "live " + ", ".join(parts)
-
-
 def verdict_text(feature):  # noqa: ANN001, ANN201 - Feature -> rich Text
     from rich.text import Text
 

@@ -285,11 +285,6 @@ class FeatureIndex:
     def verified(self) -> bool:
         return bool(self.evidence)
 
-    def live_counts(self) -> dict[str, int]:
-        """Features that fire on held-out text, per partition."""
-        rows = self._db.execute("SELECT partition, COUNT(*) FROM features WHERE n_fires > 0 GROUP BY partition")
-        return {"a": 0, "b": 0, "shared": 0} | {r[0]: r[1] for r in rows}
-
     @classmethod
     def open(cls, path: Path | str) -> FeatureIndex:
         path = Path(path)
