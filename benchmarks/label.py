@@ -15,6 +15,7 @@ never written to. Run:
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -43,9 +44,14 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="run id (default: newest analysed run)")
     parser.add_argument("--model", required=True, help="the local labeller (hub id, dir or .gguf)")
     parser.add_argument("--per-side", type=int, default=20, help="features labelled per exclusive block")
+    parser.add_argument("--sides", default="a,b", help="partitions to label, in order (a, b, candidates, all)")
+    parser.add_argument("--n-top", type=int, default=lb.LabelConfig.n_top)
+    parser.add_argument("--n-quantile", type=int, default=lb.LabelConfig.n_quantile)
     parser.add_argument("--n-score", type=int, default=lb.LabelConfig.n_score)
+    parser.add_argument("--max-new-tokens", type=int, default=lb.LabelConfig.max_new_tokens)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=5, help="labels printed with their examples")
+    parser.add_argument("--out", default=None, help="also write every result as JSON to this file")
     parser.add_argument("--oracle", nargs=2, metavar=("LABEL", "CONTROL"), default=None,
                         help="instead of explaining: score a hand-written LABEL and a CONTROL label on the "
                              "held-out texts of the top --per-side B-exclusive features (checks the scorer)")
@@ -59,43 +65,61 @@ def main() -> None:
         started = time.perf_counter()
         backend = lb.make_backend(args.model, None, device=args.device, settings=run.settings)
         load_s = time.perf_counter() - started
-        config = lb.LabelConfig(n_score=args.n_score)
-        summaries = []
-        for side in ("a", "b"):
-            features = lb.select_features(run.analysis_path, side, args.per_side)
-            evidence_s = [0.0]
+        config = lb.LabelConfig(n_top=args.n_top, n_quantile=args.n_quantile, n_score=args.n_score,
+                                max_new_tokens=args.max_new_tokens)
+        print(f"run {source.id} ({source.dir}) · labeller {backend.name} (loaded in {load_s:.1f} s) · "
+              f"device {args.device} · {config}", flush=True)
+        features, side_of = [], {}
+        for side in args.sides.split(","):
+            chosen = lb.select_features(run.analysis_path, side, args.per_side)
+            print(f"side {side}: {len(chosen)} live features (asked for {args.per_side})", flush=True)
+            for f in chosen:
+                if f[0] not in side_of:
+                    side_of[f[0]] = side
+                    features.append(f)
+        evidence_s = [0.0]
 
-            def evidence_for(todo, evidence_s=evidence_s):  # noqa: ANN001, ANN202
-                t0 = time.perf_counter()
-                out = lb.run_evidence(run, device=args.device, config=config)(todo)
-                evidence_s[0] = time.perf_counter() - t0
-                return out
-
+        def evidence_for(todo):  # noqa: ANN001, ANN202
             t0 = time.perf_counter()
-            summary = lb.label_features(run.analysis_path, lb.cache_path_for(run), backend, features,
-                                        evidence_for, config)
-            summaries.append((side, summary, time.perf_counter() - t0, evidence_s[0]))
+            out = lb.run_evidence(run, device=args.device, config=config)(todo)
+            evidence_s[0] = time.perf_counter() - t0
+            print(f"evidence for {len(todo)} features in {evidence_s[0]:.1f} s", flush=True)
+            return out
+
+        def on_feature(result, requests):  # noqa: ANN001, ANN202
+            print(f"#{result.feature_id} ({side_of[result.feature_id]}) {result.status} in {result.seconds:.1f} s: "
+                  f"{result.label!r} AUC {_f(result.auc)} on {len(result.scored)} texts; reply {result.reply!r}",
+                  flush=True)
+
+        t0 = time.perf_counter()
+        summary = lb.label_features(run.analysis_path, lb.cache_path_for(run), backend, features,
+                                    evidence_for, config, on_feature=on_feature)
+        total_s = time.perf_counter() - t0
+        results = {r.feature_id: r for r in summary.results}
+        per_feature_s = sum(r.seconds for r in results.values())
+        baseline_s = total_s - evidence_s[0] - per_feature_s
 
         index = FeatureIndex.open(run.analysis_path)
-        print(f"run {source.id} · labeller {backend.name} (loaded in {load_s:.1f} s) · device {args.device}")
-        print(f"{'side':4} {'features':>8} {'labelled':>8} {'s/feature':>9} {'evidence s':>10} "
-              f"{'AUC':>6} {'shuffled':>8} {'bal.acc':>7} {'shuffled':>8}")
-        # The shuffled baseline is refreshed over every label at the end of each call: read it now.
-        final = {r.feature_id: r for r in lb.LabelStore(run.analysis_path).results(backend.name)}
-        all_labelled = []
-        for side, summary, seconds, evidence in summaries:
-            results = [final[r.feature_id] for r in summary.results]
-            labelled = [r for r in results if r.status == "labelled"]
-            all_labelled += labelled
-            n = max(1, len(results))
-            print(f"{side:4} {len(results):8d} {len(labelled):8d} {seconds / n:9.1f} {evidence:10.1f} "
+        print(f"\n{len(features)} features in {total_s:.0f} s: evidence {evidence_s[0]:.1f} s, label + score "
+              f"{per_feature_s:.0f} s, shuffled baseline {baseline_s:.0f} s")
+        print(f"{'side':10} {'features':>8} {'labelled':>8} {'s/feature':>9} {'AUC':>6} {'shuffled':>8} "
+              f"{'bal.acc':>7} {'shuffled':>8}")
+        for side in args.sides.split(","):
+            mine = [r for f, r in results.items() if side_of[f] == side]
+            labelled = [r for r in mine if r.status == "labelled"]
+            n = max(1, len(mine))
+            print(f"{side:10} {len(mine):8d} {len(labelled):8d} {sum(r.seconds for r in mine) / n:9.1f} "
                   f"{_f(lb._mean([r.auc for r in labelled])):>6} {_f(lb._mean([r.shuffled_auc for r in labelled])):>8} "
                   f"{_f(lb._mean([r.balanced_accuracy for r in labelled])):>7} "
                   f"{_f(lb._mean([r.shuffled_balanced_accuracy for r in labelled])):>8}")
+        all_labelled = [r for r in results.values() if r.status == "labelled"]
         mean_auc = lb._mean([r.auc for r in all_labelled])
         mean_shuffled = lb._mean([r.shuffled_auc for r in all_labelled])
-        print(f"all  mean detection AUC {_f(mean_auc)} vs shuffled {_f(mean_shuffled)} "
-              f"(difference {_f(None if mean_auc is None or mean_shuffled is None else mean_auc - mean_shuffled)})")
+        print(f"all  {len(all_labelled)}/{len(results)} labelled; mean detection AUC {_f(mean_auc)} vs shuffled "
+              f"{_f(mean_shuffled)} (difference "
+              f"{_f(None if mean_auc is None or mean_shuffled is None else mean_auc - mean_shuffled)}); "
+              f"wall time per feature {total_s / max(1, len(results)):.1f} s all in "
+              f"({per_feature_s / max(1, len(results)):.1f} s label + score)")
         print(f"\n{args.examples} labels (highest AUC first) with their top examples:")
         for r in sorted(all_labelled, key=lambda r: -(r.auc or 0))[: args.examples]:
             feature = index.feature(r.feature_id)
@@ -105,6 +129,13 @@ def main() -> None:
                 text = (e.text[: e.start] + "«" + e.text[e.start : e.end] + "»" + e.text[e.end :]).replace("\n", " ")
                 print(f"    {text[-90:]!r}")
         index.close()
+        if args.out:
+            Path(args.out).write_text(json.dumps({
+                "run": source.id, "run_dir": str(source.dir), "model": backend.name, "config": str(config),
+                "load_s": load_s, "evidence_s": evidence_s[0], "total_s": total_s, "baseline_s": baseline_s,
+                "summary": summary.to_json(), "side_of": side_of,
+                "replies": {r.feature_id: r.reply for r in results.values()},
+            }, indent=1, ensure_ascii=False))
 
 
 def oracle(args) -> None:  # noqa: ANN001 - argparse.Namespace

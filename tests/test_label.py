@@ -123,6 +123,65 @@ def test_evidence_holds_out_documents_and_balances_negatives(labelled_run):
         assert window.activation == 0 and not any(a in window.text.split() for a in ANIMALS)
 
 
+class SplitView:
+    """Some shards of a store, as a split of its own (scales and documents shared)."""
+
+    def __init__(self, store, indices) -> None:  # noqa: ANN001
+        self.store, self.indices = store, list(indices)
+        self.scale_a, self.scale_b = store.scale_a, store.scale_b
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.indices)
+
+    def load_shard(self, index: int):  # noqa: ANN201
+        return self.store.load_shard(self.indices[index])
+
+
+def test_explainer_reads_the_train_split_and_scoring_the_eval_split(sparse_analysis):
+    store, crosscoder, _ = sparse_analysis  # 4 shards: docs 0-29, 30-59, 60-89, 90-99
+    train, evaluation = SplitView(store, [0, 1, 2]), SplitView(store, [3])
+    evidence = lb.collect_evidence(crosscoder, evaluation, store, [(1, "b")], CONFIG, explain_split=train)[1]
+    assert len(evidence.explain) == CONFIG.n_top + CONFIG.n_quantile  # more than eval's 2 animal documents
+    assert all(w.doc_id < 90 for w in evidence.explain)
+    assert evidence.held_out and all(w.doc_id >= 90 for w in evidence.held_out + evidence.negatives)
+    assert len(evidence.held_out) == len(evidence.negatives)
+    # explain_pairs caps what is read of the train split: its first shard only.
+    capped = lb.LabelConfig(n_top=4, n_quantile=4, n_quantiles=2, n_score=5, explain_pairs=1)
+    evidence = lb.collect_evidence(crosscoder, evaluation, store, [(1, "b")], capped, explain_split=train)[1]
+    assert evidence.explain and all(w.doc_id < 30 for w in evidence.explain)
+
+
+def test_held_out_windows_may_share_a_document_but_never_overlap():
+    from analysis_fixtures import FakeStore
+
+    store, crosscoder = FakeStore(n_docs=40, docs_per_shard=15), hand_built_crosscoder()
+    config = lb.LabelConfig(n_top=4, n_quantile=0, n_score=12, window_before=2, window_after=1)
+    train, evaluation = SplitView(store, [0, 1]), SplitView(store, [2])
+    evidence = lb.collect_evidence(crosscoder, evaluation, store, [(1, "b")], config, explain_split=train)[1]
+    held = evidence.held_out + evidence.negatives
+    assert len(evidence.held_out) == len(evidence.negatives) >= 8
+    assert len(held) > 10  # more windows than the eval split has documents
+    spans = {}
+    for w in held:  # each window's characters within its document, pairwise disjoint per document
+        start = store.document_text(w.doc_id).index(w.text)
+        for other in spans.get(w.doc_id, []):
+            assert start + len(w.text) <= other[0] or other[1] <= start
+        spans.setdefault(w.doc_id, []).append((start, start + len(w.text)))
+    for w in evidence.negatives:
+        assert w.activation == 0 and not any(a in w.text.split() for a in ANIMALS)
+
+
+def test_prompt_shows_a_worked_example_before_the_features_examples(labelled_run, server):
+    run, evidence_for = labelled_run
+    label_with(server, run, evidence_for, [(1, "b")])
+    messages = server.explanation_requests()[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "<<Monday>>" in messages[1]["content"] and messages[2]["content"] == lb.DEMO_REPLY
+    assert lb.parse_explanation(messages[2]["content"]) is None  # a reply that copies it is refused
+    assert not set(re.findall(r"<<([^>]+)>>", messages[-1]["content"])) & {"Monday", "Sunday", "Friday"}
+
+
 def test_prompt_marks_firing_tokens_with_activation_levels(labelled_run, server):
     run, evidence_for = labelled_run
     label_with(server, run, evidence_for, [(1, "b")])
@@ -194,9 +253,18 @@ def test_retry_that_answers_properly_is_kept(labelled_run):
 @pytest.mark.parametrize("reply, parsed", [
     ("LABEL: animal names\nDESCRIPTION: Fires on animals.", ("animal names", "Fires on animals.")),
     ("**Label:** \"colour words\".\n\n**Description:** colours", ("colour words", "colours")),
-    ("LABEL: colour words", None),
+    ("LABEL: colour words\n", ("colour words", "")),  # small models often stop after the label
+    ("Label: years in dates DESCRIPTION: Fires on years.", ("years in dates", "Fires on years.")),
+    ("LABEL: section references. The feature fires on the word section in law texts\n", ("section references", "")),
+    ("LABEL: colour words", None),  # cut off: no description and the line never ended
+    ("LABEL: 8\ufffd\ufffdol Fatima\n", None),
+    ("LABEL: Section numbers - fires on numbers after the word section in texts\nDESCRIPTION: x",
+     ("Section numbers", "x")),
     ("LABEL: one two three four five six seven eight nine\nDESCRIPTION: x", None),
     ("LABEL: <a short label of at most 8 words>", None),
+    ("LABEL: days of the week\nDESCRIPTION: Fires on weekdays.", None),  # the worked example's label
+    ("LABEL: and one sentence saying when the feature fires.", None),  # the instructions echoed
+    ("LABEL: DESCRIPTION: fires on things", None),
     ("animals, I think", None),
 ])
 def test_parse_explanation(reply, parsed):
@@ -280,12 +348,26 @@ def test_local_model_scores_from_logits_and_survives_gibberish(labelled_run, tin
     logits = local.loaded.model(local._input_ids(messages)).logits[0, -1].softmax(-1)
     yes, no = float(logits[sorted(local._yes)].sum()), float(logits[sorted(local._no)].sum())
     assert local.p_yes(messages) == pytest.approx(yes / (yes + no), rel=1e-5)
+    # The next prompt differs only in the excerpt: it reuses the cached prefix, same answer.
+    again = lb.detection_prompt("animal names", "", "a red bird flew over the barn")
+    ids = local._input_ids(again)
+    full = local.loaded.model(ids).logits[0, -1].softmax(-1)
+    yes, no = float(full[sorted(local._yes)].sum()), float(full[sorted(local._no)].sum())
+    lengths = []
+    hook = local.loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((kwargs.get("input_ids") if args == () else args[0]).shape[1]),
+        with_kwargs=True)
+    try:
+        assert local.p_yes(again) == pytest.approx(yes / (yes + no), rel=1e-4)
+    finally:
+        hook.remove()
+    assert lengths and lengths[0] < ids.shape[1] // 2  # only the excerpt and what follows it ran
     config = lb.LabelConfig(n_top=2, n_quantile=0, n_score=2, max_new_tokens=8)
     summary = lb.label_features(run.analysis_path, lb.cache_path_for(run), local, [(1, "b")],
                                 lambda todo: {f: e for f, e in evidence_for(todo).items()}, config)
     [result] = summary.results
     # An untrained tiny model cannot follow the format: retried once, then unlabelled.
-    assert result.status == "malformed" and summary.requests == 2
+    assert result.status == "malformed" and summary.requests == 2, (result.reply, result.label)
 
 
 def test_run_label_option_labels_the_top_candidates(labelled_run, server, monkeypatch, capsys):

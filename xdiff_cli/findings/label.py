@@ -9,13 +9,16 @@ sends no request that was already answered.
 
 The method follows the automated-interpretability recipe (Bills et al. 2023; EleutherAI's
 delphi):
-1. Evidence: one streaming pass over the eval split computes the chosen features' activations.
+1. Evidence: one streaming pass over the store computes the chosen features' activations.
    The explainer sees the strongest windows plus windows sampled from lower activation
-   quantiles, the firing tokens marked <<like this>> and listed with activation levels 1-9.
+   quantiles (from the train split, which has far more documents than the eval split; at most
+   `explain_pairs` token pairs of it are read), the firing tokens marked <<like this>> and
+   listed with activation levels 1-9. The held-out windows come from the eval split.
 2. Explanation: the reply must read `LABEL: ...` / `DESCRIPTION: ...`. A malformed reply is
    asked for once more; a second failure is recorded as unlabelled (never a crash).
-3. Detection score: held-out windows the explainer never saw (from other documents), as many
-   activating as non-activating (the feature is zero over the whole window), each put to a
+3. Detection score: held-out windows the explainer never saw (from other documents; several
+   non-overlapping windows may come from one document), as many activating as non-activating
+   (the feature is zero over the whole window), each put to a
    scorer: "does this feature fire in this text?". A local scorer's P(yes) is read from the
    next-token logits (no parsing); over an API from logprobs when the server returns them,
    else from the Yes/No text. Per label: AUC and balanced accuracy (threshold P = 0.5).
@@ -61,11 +64,12 @@ class LabelConfig:
     window_before: int = 12  # tokens of context before the sampled token
     window_after: int = 4
     window_chars: int = 300  # never more characters than this in a window
-    max_new_tokens: int = 96  # explanation reply budget
+    max_new_tokens: int = 64  # explanation reply budget
+    explain_pairs: int = 500_000  # token pairs of the train split read for the explainer's windows
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_score", "window_chars", "max_new_tokens"):
+        for name in ("n_top", "n_score", "window_chars", "max_new_tokens", "explain_pairs"):
             if getattr(self, name) < 1:
                 raise XdiffError(f"label setting {name} must be at least 1")
         if self.n_quantile < 0 or self.n_quantiles < 1:
@@ -81,6 +85,7 @@ class Window:
 
     text: str
     token_acts: list[tuple[int, int, float]]  # [start, end) within text, activation
+    doc_id: int | None = None
 
     @property
     def activation(self) -> float:
@@ -123,25 +128,39 @@ def collect_evidence(
     config: LabelConfig = LabelConfig(),
     device: str = "cpu",
     advance: Callable[[int], None] | None = None,
+    explain_split=None,  # noqa: ANN001 - another split: the explainer's windows come from it
 ) -> dict[int, FeatureEvidence]:
-    """Explainer and held-out windows for each (feature id, view), from one pass over `split`."""
+    """Explainer and held-out windows for each (feature id, view), from one pass over `split`
+    (and over the first `config.explain_pairs` token pairs of `explain_split` when given: the
+    explainer's windows then come from there, the held-out ones from `split`)."""
     import torch
 
     if not features:
         return {}
     feats_S = torch.tensor([f for f, _ in features], device=device)
-    shards: list[_ShardRows] = []
-    with torch.no_grad():
-        for index in range(split.num_shards):
-            shard = split.load_shard(index)
-            x_a = shard.acts_a.to(device=device, dtype=torch.float32) * float(split.scale_a)
-            x_b = shard.acts_b.to(device=device, dtype=torch.float32) * float(split.scale_b)
-            acts = torch.cat([_selected_activations(crosscoder, x_a[lo:lo + 8192], x_b[lo:lo + 8192], feats_S)
-                              for lo in range(0, len(x_a), 8192)]) if len(x_a) else torch.zeros(0, len(features))
-            shards.append(_ShardRows(acts.cpu(), shard.doc_id.tolist(),
-                                     {"a": shard.start_a.tolist(), "b": shard.start_b.tolist()}, shard.end.tolist()))
-            if advance:
-                advance(1)
+
+    def rows_of(source, max_pairs: int | None) -> list[_ShardRows]:  # noqa: ANN001
+        shards: list[_ShardRows] = []
+        pairs = 0
+        with torch.no_grad():
+            for index in range(source.num_shards):
+                if max_pairs is not None and pairs >= max_pairs:
+                    break
+                shard = source.load_shard(index)
+                x_a = shard.acts_a.to(device=device, dtype=torch.float32) * float(source.scale_a)
+                x_b = shard.acts_b.to(device=device, dtype=torch.float32) * float(source.scale_b)
+                acts = torch.cat([_selected_activations(crosscoder, x_a[lo:lo + 8192], x_b[lo:lo + 8192], feats_S)
+                                  for lo in range(0, len(x_a), 8192)]) if len(x_a) else torch.zeros(0, len(features))
+                shards.append(_ShardRows(acts.cpu(), shard.doc_id.tolist(),
+                                         {"a": shard.start_a.tolist(), "b": shard.start_b.tolist()}, shard.end.tolist()))
+                pairs += len(x_a)
+                if advance:
+                    advance(1)
+        return shards
+
+    shards = rows_of(split, None)
+    use_other = explain_split is not None and explain_split.num_shards > 0
+    explain_shards = rows_of(explain_split, config.explain_pairs) if use_other else shards
     texts: dict[int, str] = {}
 
     def text_of(doc_id: int) -> str:
@@ -152,7 +171,7 @@ def collect_evidence(
     out = {}
     for column, (feature_id, view) in enumerate(features):
         rng = random.Random(config.seed * 1_000_003 + feature_id)
-        out[feature_id] = _feature_evidence(feature_id, view, column, shards, text_of, config, rng)
+        out[feature_id] = _feature_evidence(feature_id, view, column, explain_shards, shards, text_of, config, rng)
     return out
 
 
@@ -179,7 +198,7 @@ def _cut_window(rows: _ShardRows, column: int, row: int, view: str, cfg: LabelCo
     acts = rows.acts_NS[first:hi, column].tolist()
     token_acts = [(starts[i] - lo_char, rows.end[i] - lo_char, round(a, 4))
                   for i, a in zip(range(first, hi), acts, strict=True)]
-    return Window(text, token_acts)
+    return Window(text, token_acts, rows.doc_id[row])
 
 
 def _locate(shards: list[_ShardRows], flat: int) -> tuple[int, int]:
@@ -191,26 +210,36 @@ def _locate(shards: list[_ShardRows], flat: int) -> tuple[int, int]:
     raise IndexError(flat)
 
 
-def _feature_evidence(feature_id, view, column, shards, text_of, cfg: LabelConfig, rng) -> FeatureEvidence:  # noqa: ANN001
-    import torch
-
-    firing: list[tuple[float, int, int]] = []  # (activation, shard, row)
+def _firings(shards: list[_ShardRows], column: int) -> list[tuple[float, int, int]]:
+    """(activation, shard, row) of every token pair where the feature fires, strongest first."""
+    firing: list[tuple[float, int, int]] = []
     for s, rows in enumerate(shards):
         col = rows.acts_NS[:, column]
         idx = (col > 0).nonzero().flatten()
         firing.extend(zip(col[idx].tolist(), [s] * len(idx), idx.tolist(), strict=True))
     firing.sort(key=lambda t: -t[0])
-    seen_docs: set[tuple[int, int]] = set()
+    return firing
+
+
+def _feature_evidence(feature_id, view, column, explain_shards, shards, text_of, cfg: LabelConfig, rng) -> FeatureEvidence:  # noqa: ANN001
+    import torch
+
+    # The explainer's windows: one per document, so they show the feature in varied contexts.
+    firing = _firings(explain_shards, column)
+    if not firing and explain_shards is not shards:  # never fires in the train pairs read: use eval's
+        explain_shards = shards
+        firing = _firings(shards, column)
+    seen_docs: set[int] = set()
 
     def take(candidates, n: int) -> list[Window]:  # noqa: ANN001
         """Up to n windows from distinct, not yet used documents."""
         chosen = []
         for _, s, row in candidates:
-            key = (s, shards[s].doc_id[row])
-            if key in seen_docs:
+            doc = explain_shards[s].doc_id[row]
+            if doc in seen_docs:
                 continue
-            seen_docs.add(key)
-            chosen.append(_cut_window(shards[s], column, row, view, cfg, text_of))
+            seen_docs.add(doc)
+            chosen.append(_cut_window(explain_shards[s], column, row, view, cfg, text_of))
             if len(chosen) == n:
                 break
         return chosen
@@ -226,25 +255,42 @@ def _feature_evidence(feature_id, view, column, shards, text_of, cfg: LabelConfi
             explain.extend(take(rng.sample(b, len(b)), per_bin))
         explain = explain[:cfg.n_top + cfg.n_quantile]
     explain.sort(key=lambda w: -w.activation)
-    # Held out: activating windows from documents the explainer did not see, across all levels.
-    remaining = [t for t in firing if (t[1], shards[t[1]].doc_id[t[2]]) not in seen_docs]
-    held_out = take(rng.sample(remaining, len(remaining)), cfg.n_score)
-    # Non-activating: random windows in which the feature is zero at every token.
-    negatives: list[Window] = []
-    total = sum(len(r.doc_id) for r in shards)
-    for _ in range(40 * cfg.n_score):
-        if len(negatives) >= len(held_out) or total == 0:
-            break
-        s, flat = _locate(shards, rng.randrange(total))
+
+    # Held out: windows of documents the explainer did not see, none overlapping another one;
+    # distinct documents first, then more windows of the same documents if there are too few.
+    used: list[tuple[int, int, int]] = []  # (shard, first row, end row) of every held-out window
+
+    def free(s: int, row: int) -> tuple[int, int] | None:
         rows = shards[s]
-        key = (s, rows.doc_id[flat])
-        if key in seen_docs:
-            continue
-        first, hi = _window_bounds(rows, flat, view, cfg)
-        if bool(torch.any(rows.acts_NS[first:hi, column] > 0)):
-            continue
-        seen_docs.add(key)
-        negatives.append(_cut_window(rows, column, flat, view, cfg, text_of))
+        if rows.doc_id[row] in seen_docs:
+            return None
+        first, hi = _window_bounds(rows, row, view, cfg)
+        if any(u == s and first < u_hi and u_first < hi for u, u_first, u_hi in used):
+            return None
+        return first, hi
+
+    def held(candidates, n: int, seen: set[int], accept=lambda s, first, hi: True) -> list[Window]:  # noqa: ANN001
+        chosen: list[Window] = []
+        for distinct in (True, False):
+            for s, row in candidates:
+                if len(chosen) >= n:
+                    return chosen
+                doc = shards[s].doc_id[row]
+                span = None if distinct and doc in seen else free(s, row)
+                if span is None or not accept(s, *span):
+                    continue
+                used.append((s, *span))
+                seen.add(doc)
+                chosen.append(_cut_window(shards[s], column, row, view, cfg, text_of))
+        return chosen
+
+    positives = [(s, row) for _, s, row in _firings(shards, column)]
+    held_out = held(rng.sample(positives, len(positives)), cfg.n_score, set())
+    # Non-activating: random windows in which the feature is zero at every token.
+    total = sum(len(r.doc_id) for r in shards)
+    tries = [_locate(shards, rng.randrange(total)) for _ in range(40 * cfg.n_score)] if total else []
+    negatives = held(tries, len(held_out), set(),
+                     lambda s, first, hi: not bool(torch.any(shards[s].acts_NS[first:hi, column] > 0)))
     held_out = held_out[:len(negatives)]  # balanced: as many activating as non-activating
     return FeatureEvidence(feature_id, view, explain, held_out, negatives)
 
@@ -261,6 +307,17 @@ EXPLAIN_SYSTEM = (
     "label of at most 8 words, then a line starting with DESCRIPTION: and one sentence saying "
     "when the feature fires."
 )
+EXPLAIN_QUESTION = "What do the marked tokens have in common?"
+# One worked example, shown as an earlier turn of the conversation: small chat models follow a
+# format they have seen answered far more reliably than one they are only told about. A reply
+# that repeats its label is refused (see parse_explanation).
+DEMO_WINDOWS = (
+    ("We met again on Monday morning before work.", "Monday", 9),
+    ("The shop is closed every Sunday and on holidays.", "Sunday", 8),
+    ("See you on Friday night at the game.", "Friday", 6),
+)
+DEMO_LABEL = "days of the week"
+DEMO_REPLY = f"LABEL: {DEMO_LABEL}\nDESCRIPTION: Fires on the names of weekdays, such as Monday or Friday."
 RETRY_MESSAGE = (
     "That was not in the required format. Answer in exactly two lines: LABEL: followed by at most "
     "8 words, then DESCRIPTION: followed by one sentence."
@@ -295,16 +352,34 @@ def mark_window(window: Window, top: float) -> tuple[str, list[tuple[str, int]]]
     return "".join(pieces), levels
 
 
-def explanation_prompt(evidence: FeatureEvidence) -> Messages:
-    top = max((w.activation for w in evidence.explain), default=0.0)
+def examples_text(windows: Sequence[Window]) -> str:
+    """The numbered excerpts, firing tokens marked, each followed by its tokens' levels."""
+    top = max((w.activation for w in windows), default=0.0)
     blocks = []
-    for i, window in enumerate(evidence.explain, 1):
+    for i, window in enumerate(windows, 1):
         marked, levels = mark_window(window, top)
         listed = ", ".join(f"{json.dumps(token, ensure_ascii=False)} {level}" for token, level in levels)
         blocks.append(f"Example {i}:\n{marked.strip()}\nActivations: {listed}")
-    # Instructions in the system message, examples last: small models otherwise echo the format.
-    user = "\n\n".join(blocks) + "\n\nWhat do the marked tokens have in common?"
-    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
+    return "\n\n".join(blocks)
+
+
+def _demo_windows() -> list[Window]:
+    windows = []
+    for text, token, level in DEMO_WINDOWS:
+        start = text.index(token)
+        windows.append(Window(text, [(start, start + len(token), level / 9)]))
+    return windows
+
+
+def explanation_prompt(evidence: FeatureEvidence) -> Messages:
+    # Instructions in the system message, a worked example as an earlier turn, the feature's
+    # examples last: small models otherwise echo the format instead of filling it in.
+    return [
+        {"role": "system", "content": EXPLAIN_SYSTEM},
+        {"role": "user", "content": examples_text(_demo_windows()) + "\n\n" + EXPLAIN_QUESTION},
+        {"role": "assistant", "content": DEMO_REPLY},
+        {"role": "user", "content": examples_text(evidence.explain) + "\n\n" + EXPLAIN_QUESTION},
+    ]
 
 
 def detection_prompt(label: str, description: str, text: str) -> Messages:
@@ -316,20 +391,40 @@ def detection_prompt(label: str, description: str, text: str) -> Messages:
 
 _LABEL_LINE = re.compile(r"^[\s*#>_-]*label[\s*_]*:[\s*_]*(.+?)[\s*_]*$", re.IGNORECASE | re.MULTILINE)
 _DESCRIPTION_LINE = re.compile(r"^[\s*#>_-]*description[\s*_]*:[\s*_]*(.+?)[\s*_]*$", re.IGNORECASE | re.MULTILINE)
+_INLINE_DESCRIPTION = re.compile(r"[\s*_]*description[\s*_]*:", re.IGNORECASE)
+_LABEL_END = re.compile(r"\.\s|;|\s[-\u2013\u2014]\s|\(|:")  # where a run-on label line is cut
+
+
+def _clean(text: str) -> str:
+    return text.strip().strip("\"'`*_").strip().rstrip(".").strip().strip("\"'`*_").strip()
 
 
 def parse_explanation(reply: str) -> tuple[str, str] | None:
-    """(label, description) from a `LABEL:` / `DESCRIPTION:` reply; None when malformed
-    (either line missing, the label empty or longer than 8 words, a template left unfilled)."""
+    """(label, description) from a `LABEL:` / `DESCRIPTION:` reply; None when malformed.
+
+    Tolerant of what small models write: markdown around the keys, the description on the
+    label's line, no description after a finished label line (then it is ""), a label line that runs on into a
+    sentence (cut at the first '. ', ';', ' - ', '(' or ':'). Refused: no LABEL line, an empty
+    label or one still over 8 words, a template left unfilled (`<...>`), and labels that only
+    repeat the prompt (the worked example's label, or words copied from the instructions)."""
     match = _LABEL_LINE.search(reply or "")
     if not match:
         return None
-    label = match.group(1).strip().rstrip(".").strip().strip("\"'`").strip().rstrip(".")
-    if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label:
-        return None
+    line = match.group(1)
+    inline = _INLINE_DESCRIPTION.search(line)
     described = _DESCRIPTION_LINE.search(reply)
-    description = described.group(1).strip().strip("\"'`").strip() if described else ""
-    if not description or "<" in description:
+    description = line[inline.end():] if inline else described.group(1) if described else ""
+    description = description.strip().strip("\"'`*_").strip()
+    if not inline and not described and "\n" not in reply[match.start(1):]:
+        return None  # no description and the label line never ended: a cut-off reply
+    label = _clean(line[:inline.start()] if inline else line)
+    if len(label.split()) > MAX_LABEL_WORDS:
+        cut = _LABEL_END.search(label)
+        label = _clean(label[:cut.start()]) if cut else label
+    if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label or "<" in description or "\ufffd" in label:
+        return None
+    echoed = len(label.split()) >= 3 and label.lower() in EXPLAIN_SYSTEM.lower()
+    if label.lower() == DEMO_LABEL or echoed or label.lower() in ("description", "label"):
         return None
     return label, description
 
@@ -383,6 +478,7 @@ class LocalChatModel:
             raise XdiffError(f"the tokenizer of {name} has no Yes/No tokens to score with")
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
+        self._last: tuple[list[int], Any] | None = None  # the last scored prompt's ids and KV cache
 
     def _first_ids(self, words: Sequence[str]) -> set[int]:
         """The first token of each spelling (the whole word in any real chat vocabulary)."""
@@ -427,16 +523,44 @@ class LocalChatModel:
         return prefill + tok.decode(out[0, start:], skip_special_tokens=True)
 
     def p_yes(self, messages: Messages) -> float:
-        """P(yes) / (P(yes) + P(no)) over the next token, summed over Yes/No spellings."""
+        """P(yes) / (P(yes) + P(no)) over the next token, summed over Yes/No spellings.
+
+        Consecutive prompts share a long prefix (instructions and label; only the excerpt
+        differs): the key/value cache of the last prompt is cut back to the shared tokens and
+        only the rest is run, which gives the same logits at a third of the cost."""
         import torch
 
         ids = self._input_ids(messages)
         with torch.no_grad():
-            logits = self.loaded.model(ids).logits[0, -1].float()
-        probs = torch.softmax(logits, dim=-1)
+            logits = self._last_logits(ids)
+        probs = torch.softmax(logits.float(), dim=-1)
         yes = float(probs[sorted(self._yes)].sum())
         no = float(probs[sorted(self._no)].sum())
         return 0.5 if yes + no <= 0 else yes / (yes + no)
+
+    def _last_logits(self, ids):  # noqa: ANN001, ANN202 - tensors
+        new = ids[0].tolist()
+        if self._last is not None:
+            old, cache = self._last
+            shared = 0
+            for a, b in zip(old, new[:-1], strict=False):  # at least one new token must run
+                if a != b:
+                    break
+                shared += 1
+            window = getattr(self.loaded.model.config, "sliding_window", None) or len(new)
+            if shared >= 16 and len(new) <= window:
+                try:
+                    if len(old) > shared:  # a negative crop removes tokens in every transformers version
+                        cache.crop(shared - len(old))
+                    out = self.loaded.model(ids[:, shared:], past_key_values=cache, use_cache=True)
+                    self._last = (new, out.past_key_values)
+                    return out.logits[0, -1]
+                except (AttributeError, NotImplementedError, ValueError, TypeError):
+                    pass  # a cache that cannot be cut back (e.g. sliding-window layers): run it all
+        self._last = None
+        out = self.loaded.model(ids, use_cache=True)
+        self._last = (new, out.past_key_values) if getattr(out, "past_key_values", None) is not None else None
+        return out.logits[0, -1]
 
 
 _FINISHED = re.compile(r"description\s*:[^\n]*\S[^\n]*\n", re.IGNORECASE)
@@ -845,7 +969,8 @@ def run_evidence(run, device: str = "cpu", config: LabelConfig = LabelConfig(), 
 
         crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=device)
         store = ActivationStore.open(run.store_dir)
-        return collect_evidence(crosscoder, store.split("eval"), store, todo, config, device=device, advance=advance)
+        return collect_evidence(crosscoder, store.split("eval"), store, todo, config, device=device, advance=advance,
+                                explain_split=store.split("train"))
 
     return evidence_for
 
