@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=lb.LabelConfig.max_new_tokens)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=5, help="labels printed with their examples")
+    parser.add_argument("--workdir", default=None, help="keep the run's copy here (resumable) instead of a temp dir")
     parser.add_argument("--out", default=None, help="also write every result as JSON to this file")
     parser.add_argument("--oracle", nargs=2, metavar=("LABEL", "CONTROL"), default=None,
                         help="instead of explaining: score a hand-written LABEL and a CONTROL label on the "
@@ -61,7 +62,9 @@ def main() -> None:
 
     source = resolve_run(args.run)
     with tempfile.TemporaryDirectory(prefix="xdiff-label-bench-") as tmp:
-        run = copy_run(source, Path(tmp) / source.id)
+        # --workdir keeps the copy (labels and answer cache): a stopped benchmark resumes there.
+        target = Path(args.workdir or tmp) / source.id
+        run = Run.load(target) if (target / "run.json").is_file() else copy_run(source, target)
         started = time.perf_counter()
         backend = lb.make_backend(args.model, None, device=args.device, settings=run.settings)
         load_s = time.perf_counter() - started

@@ -176,10 +176,12 @@ def test_prompt_shows_a_worked_example_before_the_features_examples(labelled_run
     run, evidence_for = labelled_run
     label_with(server, run, evidence_for, [(1, "b")])
     messages = server.explanation_requests()[0]["messages"]
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert "<<Monday>>" in messages[1]["content"] and messages[2]["content"] == lb.DEMO_REPLY
-    assert lb.parse_explanation(messages[2]["content"]) is None  # a reply that copies it is refused
-    assert not set(re.findall(r"<<([^>]+)>>", messages[-1]["content"])) & {"Monday", "Sunday", "Friday"}
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "<<Monday>>" in messages[1]["content"] and "<<said>>" in messages[3]["content"]
+    for demo in (messages[2], messages[4]):
+        assert demo["content"].startswith("LABEL: ")
+        assert lb.parse_explanation(demo["content"]) is None  # a reply that copies one is refused
+    assert set(re.findall(r"<<([^>]+)>>", messages[-1]["content"])) <= set(ANIMALS)
 
 
 def test_prompt_marks_firing_tokens_with_activation_levels(labelled_run, server):
@@ -262,7 +264,9 @@ def test_retry_that_answers_properly_is_kept(labelled_run):
      ("Section numbers", "x")),
     ("LABEL: one two three four five six seven eight nine\nDESCRIPTION: x", None),
     ("LABEL: <a short label of at most 8 words>", None),
-    ("LABEL: days of the week\nDESCRIPTION: Fires on weekdays.", None),  # the worked example's label
+    ("LABEL: days of the week\nDESCRIPTION: Fires on weekdays.", None),  # a worked example's label
+    ("LABEL: operators and their matching\nDESCRIPTION: Fires on << match>> and <<corresponding>> items.",
+     ("operators and their matching", "Fires on match and corresponding items.")),
     ("LABEL: and one sentence saying when the feature fires.", None),  # the instructions echoed
     ("LABEL: DESCRIPTION: fires on things", None),
     ("animals, I think", None),
@@ -380,3 +384,8 @@ def test_run_label_option_labels_the_top_candidates(labelled_run, server, monkey
     labelled = [f for f in index.features(candidates_only=True, alive_only=True) if f.label_score is not None]
     assert labelled and index.feature(1).label == "animal names"
     assert "Mean detection AUC" in capsys.readouterr().out
+
+
+def test_markers_hug_the_token_and_leave_its_spaces_outside():
+    window = lb.Window("a dog ran", [(1, 5, 1.0), (5, 9, 0.5)])
+    assert lb.mark_window(window, 1.0) == ("a <<dog>> <<ran>>", [("dog", 9), ("ran", 4)])

@@ -308,16 +308,21 @@ EXPLAIN_SYSTEM = (
     "when the feature fires."
 )
 EXPLAIN_QUESTION = "What do the marked tokens have in common?"
-# One worked example, shown as an earlier turn of the conversation: small chat models follow a
-# format they have seen answered far more reliably than one they are only told about. A reply
-# that repeats its label is refused (see parse_explanation).
-DEMO_WINDOWS = (
-    ("We met again on Monday morning before work.", "Monday", 9),
-    ("The shop is closed every Sunday and on holidays.", "Sunday", 8),
-    ("See you on Friday night at the game.", "Friday", 6),
+# Two worked examples, shown as earlier turns of the conversation: small chat models follow a
+# format they have seen answered far more reliably than one they are only told about, and with
+# two different answers they copy neither (with one, a 0.5B model labelled every feature
+# "names of weekdays"). A reply that repeats a worked example's label is refused.
+DEMOS = (
+    ((("We met again on Monday morning before work.", "Monday", 9),
+      ("The shop is closed every Sunday and on holidays.", "Sunday", 8),
+      ("See you on Friday night at the game.", "Friday", 6)),
+     "days of the week", "Fires on the names of weekdays, such as Monday or Friday."),
+    ((("\"Come in,\" she said quietly.", "said", 9),
+      ("He asked me where the station was.", "asked", 7),
+      ("\"No,\" replied the old man.", "replied", 8)),
+     "verbs of speaking", "Fires on verbs that report speech, such as said, asked or replied."),
 )
-DEMO_LABEL = "days of the week"
-DEMO_REPLY = f"LABEL: {DEMO_LABEL}\nDESCRIPTION: Fires on the names of weekdays, such as Monday or Friday."
+DEMO_LABELS = tuple(label for _, label, _ in DEMOS)
 RETRY_MESSAGE = (
     "That was not in the required format. Answer in exactly two lines: LABEL: followed by at most "
     "8 words, then DESCRIPTION: followed by one sentence."
@@ -344,9 +349,14 @@ def mark_window(window: Window, top: float) -> tuple[str, list[tuple[str, int]]]
         if level == 0 or start < cursor:
             continue
         token = window.text[start:end]
+        stripped = token.strip()
+        if not stripped:
+            continue
+        lead = token[:len(token) - len(token.lstrip())]
+        trail = token[len(token.rstrip()):]
         pieces.append(window.text[cursor:start])
-        pieces.append(f"<<{token}>>")
-        levels.append((token, level))
+        pieces.append(f"{lead}<<{stripped}>>{trail}")
+        levels.append((stripped, level))
         cursor = end
     pieces.append(window.text[cursor:])
     return "".join(pieces), levels
@@ -363,23 +373,23 @@ def examples_text(windows: Sequence[Window]) -> str:
     return "\n\n".join(blocks)
 
 
-def _demo_windows() -> list[Window]:
+def _demo_windows(items: Sequence[tuple[str, str, int]]) -> list[Window]:
     windows = []
-    for text, token, level in DEMO_WINDOWS:
+    for text, token, level in items:
         start = text.index(token)
         windows.append(Window(text, [(start, start + len(token), level / 9)]))
     return windows
 
 
 def explanation_prompt(evidence: FeatureEvidence) -> Messages:
-    # Instructions in the system message, a worked example as an earlier turn, the feature's
+    # Instructions in the system message, worked examples as earlier turns, the feature's
     # examples last: small models otherwise echo the format instead of filling it in.
-    return [
-        {"role": "system", "content": EXPLAIN_SYSTEM},
-        {"role": "user", "content": examples_text(_demo_windows()) + "\n\n" + EXPLAIN_QUESTION},
-        {"role": "assistant", "content": DEMO_REPLY},
-        {"role": "user", "content": examples_text(evidence.explain) + "\n\n" + EXPLAIN_QUESTION},
-    ]
+    messages = [{"role": "system", "content": EXPLAIN_SYSTEM}]
+    for items, label, description in DEMOS:
+        messages.append({"role": "user", "content": examples_text(_demo_windows(items)) + "\n\n" + EXPLAIN_QUESTION})
+        messages.append({"role": "assistant", "content": f"LABEL: {label}\nDESCRIPTION: {description}"})
+    messages.append({"role": "user", "content": examples_text(evidence.explain) + "\n\n" + EXPLAIN_QUESTION})
+    return messages
 
 
 def detection_prompt(label: str, description: str, text: str) -> Messages:
@@ -392,6 +402,7 @@ def detection_prompt(label: str, description: str, text: str) -> Messages:
 _LABEL_LINE = re.compile(r"^[\s*#>_-]*label[\s*_]*:[\s*_]*(.+?)[\s*_]*$", re.IGNORECASE | re.MULTILINE)
 _DESCRIPTION_LINE = re.compile(r"^[\s*#>_-]*description[\s*_]*:[\s*_]*(.+?)[\s*_]*$", re.IGNORECASE | re.MULTILINE)
 _INLINE_DESCRIPTION = re.compile(r"[\s*_]*description[\s*_]*:", re.IGNORECASE)
+_MARKED = re.compile(r"<<\s*(.*?)\s*>>")  # a firing token quoted back in its markers
 _LABEL_END = re.compile(r"\.\s|;|\s[-\u2013\u2014]\s|\(|:")  # where a run-on label line is cut
 
 
@@ -414,17 +425,17 @@ def parse_explanation(reply: str) -> tuple[str, str] | None:
     inline = _INLINE_DESCRIPTION.search(line)
     described = _DESCRIPTION_LINE.search(reply)
     description = line[inline.end():] if inline else described.group(1) if described else ""
-    description = description.strip().strip("\"'`*_").strip()
+    description = _MARKED.sub(r"\1", description).strip().strip("\"'`*_").strip()
     if not inline and not described and "\n" not in reply[match.start(1):]:
         return None  # no description and the label line never ended: a cut-off reply
-    label = _clean(line[:inline.start()] if inline else line)
+    label = _clean(_MARKED.sub(r"\1", line[:inline.start()] if inline else line))
     if len(label.split()) > MAX_LABEL_WORDS:
         cut = _LABEL_END.search(label)
         label = _clean(label[:cut.start()]) if cut else label
     if not label or len(label.split()) > MAX_LABEL_WORDS or "<" in label or "<" in description or "\ufffd" in label:
         return None
     echoed = len(label.split()) >= 3 and label.lower() in EXPLAIN_SYSTEM.lower()
-    if label.lower() == DEMO_LABEL or echoed or label.lower() in ("description", "label"):
+    if label.lower() in DEMO_LABELS or echoed or label.lower() in ("description", "label"):
         return None
     return label, description
 
