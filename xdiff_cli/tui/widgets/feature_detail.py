@@ -22,7 +22,7 @@ from textual.widgets import Static
 from xdiff_cli.findings.feature_columns import format_activation, format_frequency, why
 from xdiff_cli.findings.feature_index import Feature
 from xdiff_cli.safe_text import inert
-from xdiff_cli.tui.widgets.example_text import shade_example
+from xdiff_cli.tui.widgets.example_text import shade_example, shade_legend
 
 N_EXAMPLES = 10
 HIST_ROWS = 5
@@ -217,9 +217,13 @@ class FeatureDetail(VerticalScroll):
             self.query_one("#detail-effects", Static).update(effects_text(effects, self.feature))
 
     def _examples_title(self, feature: Feature) -> Text:
-        title = Text(f"top examples · model {self.view.upper()} tokens", style="bold")
+        title = Text()
+        title.append(f"top examples · model {self.view.upper()} tokens", style="bold")
         if feature.partition == "shared":
             title.append("  (v: switch A/B)", style="dim")
+        if feature.alive:
+            title.append("  ")
+            title.append_text(shade_legend())
         return title
 
     def _examples(self, feature: Feature) -> Text:
