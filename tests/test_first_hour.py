@@ -60,6 +60,10 @@ def test_runs_and_presets_tables_never_cut_ids_at_80_columns():
     assert presets.exit_code == 0
     for name in ("gptoss-r1qwen3", "llama3-qwen3", "small", "tiny"):
         assert name in presets.output
+    from xdiff_cli.run.presets import list_presets
+
+    for preset in list_presets():  # model ids whole on one line, not folded mid-id
+        assert preset.model_a in presets.output and preset.model_b in presets.output
 
 
 # --- 3. live counts and a why column ------------------------------------------------------------
@@ -159,6 +163,21 @@ def test_dry_run_of_the_paper_pair_on_cpu_warns_it_is_not_feasible_with_an_estim
 def test_unknown_models_still_need_the_hub_for_a_plan():
     result = invoke("plan", "someone/unknown-model", "Qwen/Qwen3-8B")
     assert result.exit_code == 1
+
+
+def test_shipped_facts_of_a_mixture_of_experts_count_every_expert_and_run_the_routed_ones():
+    """gpt-oss-20b (MXFP4 experts): 20.9B parameters in all, 3.6B active per token (its model
+    card); the harvest's forward runs the 4 routed experts of 32 in every layer."""
+    from xdiff_cli.models.pull import config_facts
+    from xdiff_cli.run.presets import shipped_config_dir
+
+    spec = "openai/gpt-oss-20b"
+    facts = config_facts(spec, shipped_config_dir(spec))
+    assert facts.d_model == 2880 and facts.n_layers == 24
+    assert 20.5e9 < facts.n_params < 21.5e9
+    unembedding = 201088 * 2880
+    assert 3.5e9 < facts.linear_params + unembedding < 3.7e9  # active per token
+    assert facts.harvest_flops_per_token(23) == pytest.approx(2 * facts.linear_params)
 
 
 # --- 7. progress bars keep the numbers at 80 columns --------------------------------------------
