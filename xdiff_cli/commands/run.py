@@ -326,11 +326,19 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         ], indent=2))
         return
     table = Table()
-    for col in ("name", "models", "description"):
-        table.add_column(col, no_wrap=col == "name", overflow="fold",
-                         min_width=max((len(p.name) for p in found), default=4) if col == "name" else None)
+    longest_id = max((len(m) + 3 for p in found for m in (p.model_a, p.model_b)), default=10)
+    table.add_column("name", no_wrap=True, min_width=max((len(p.name) for p in found), default=4))
+    # Model ids are never cut: below this width the description goes under the models.
+    stacked = console.width < 3 * longest_id
+    table.add_column("models" + (" / description" if stacked else ""), overflow="fold", min_width=longest_id)
+    if not stacked:
+        table.add_column("description", overflow="fold")
     for p in found:
-        table.add_row(p.name, f"{p.model_a}\nvs {p.model_b}", escape(p.description))
+        models = f"{p.model_a}\nvs {p.model_b}"
+        if stacked:
+            table.add_row(p.name, f"{escape(models)}\n[dim]{escape(p.description)}[/dim]")
+        else:
+            table.add_row(p.name, escape(models), escape(p.description))
     console.print(table)
 
 
