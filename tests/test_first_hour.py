@@ -53,9 +53,15 @@ def test_frequency_is_formatted_for_its_range():
 
 
 def test_runs_and_presets_tables_never_cut_ids_at_80_columns():
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
+
     make_analysed_run("20250101-120000-abcd")
+    long_a, long_b = "HuggingFaceTB/SmolLM2-360M-Instruct", "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"
+    Run.create(RunSettings(model_a=long_a, model_b=long_b), name="20250101-130000-long")
     runs = invoke("runs")
     assert runs.exit_code == 0 and "20250101-120000-abcd" in runs.output
+    assert long_a in runs.output and long_b in runs.output  # whole, on one line each
     presets = invoke("presets")
     assert presets.exit_code == 0
     for name in ("gptoss-r1qwen3", "llama3-qwen3", "small", "tiny"):
