@@ -216,6 +216,22 @@ def test_doctor_yields_the_cheap_checks_before_the_hub_and_4bit_checks(monkeypat
     assert names.index("data dir") < names.index("hub")
 
 
+def test_doctor_4bit_check_keeps_bitsandbytes_import_warnings_out_of_its_list(monkeypatch, caplog):
+    import logging
+
+    from xdiff_cli import doctor
+
+    def noisy():  # what importing bitsandbytes does on a CPU without the optional kernels
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        return doctor.Check("4-bit quantisation", True, "nf4 works on cpu", False)
+
+    monkeypatch.setattr(doctor, "_quantize_small_layer", noisy)
+    with caplog.at_level(logging.WARNING):
+        check = doctor.quantization_check()
+    assert check.ok and not caplog.records
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET  # restored
+
+
 def test_hub_check_reaches_a_live_endpoint(fake_hub):
     from xdiff_cli.doctor import hub_check
 
