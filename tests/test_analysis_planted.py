@@ -147,8 +147,7 @@ def test_stored_per_token_activations_match_a_recomputation_over_the_context(ana
         break
     assert len(window) == len(example.token_acts)
     with torch.no_grad():
-        acts = crosscoder.encode(shard.acts_a[window].float() * split.scale_a,
-                                 shard.acts_b[window].float() * split.scale_b)[:, feature.id]
+        acts = crosscoder.encode(*crosscoder.normalise(shard.acts_a[window], shard.acts_b[window]))[:, feature.id]
     stored = [a for _, _, a in sorted(example.token_acts)]
     assert stored == pytest.approx(acts.tolist(), abs=2e-3, rel=2e-3)
     firing = {(s, e): a for s, e, a in example.token_acts}[(example.start, example.end)]
