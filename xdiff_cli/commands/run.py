@@ -12,8 +12,8 @@ _STAGE_CHOICES = "pull, harvest, train, analyze or verify"
 
 
 RUN_SETTINGS = (
-    "corpus", "tokens", "layer_a", "layer_b", "context_length", "dict_size", "k", "exclusive_frac", "arch",
-    "steps", "batch_size", "lr", "quant", "device", "seed", "allow_pickle_weights",
+    "corpus", "tokens", "store", "layer_a", "layer_b", "context_length", "dict_size", "k", "exclusive_frac", "arch",
+    "steps", "batch_size", "lr", "precision", "quant", "device", "seed", "allow_pickle_weights",
 )
 
 

@@ -703,7 +703,6 @@ def pick_device(requested: str = "auto") -> str:
 def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noqa: ANN001 - runs.Run
     """The analyse stage of a run: `run.analysis_path`, computed once (idempotent)."""
     from xdiff_cli.atomic import clean_temp_files
-    from xdiff_cli.data.store import ActivationStore
     from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.integrity import crosscoder_problem, store_problem
 
@@ -715,8 +714,8 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     damaged = []  # missing ones get their own "train/harvest first" errors below
     if (final / "model.safetensors").exists():
         damaged.append(("trained crosscoder", crosscoder_problem(final)))
-    if (run.store_dir / "manifest.json").exists():
-        damaged.append(("activation store", store_problem(run.store_dir)))
+    if run.settings.store or (run.store_dir / "manifest.json").exists():
+        damaged.append(("activation store", store_problem(run.store_location)))
     for what, problem in damaged:
         if problem:
             raise XdiffError(f"the {what} of run {run.id} is damaged ({problem})",
@@ -724,7 +723,7 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     settings = run.settings
     device = pick_device(settings.device)
     crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=device)
-    store = ActivationStore.open(run.store_dir)
+    store = run.open_store()
     meta = {
         "run_id": run.id,
         "models": {side: model.to_json() for side, model in run.models.items()},
