@@ -144,6 +144,31 @@ def test_file_url_reads_through_the_cache(local_store):
     assert remote.dir.parent == cache_root()
 
 
+def test_store_served_over_http_reads_like_the_local_one(local_store):
+    """fsspec's http backend (aiohttp) against a plain HTTP server on 127.0.0.1."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(local_store.dir.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = open_store(f"http://127.0.0.1:{server.server_port}/activations")
+        for i in range(local_store.num_shards):
+            assert torch.equal(remote.load_shard(i).acts_a, local_store.load_shard(i).acts_a)
+        assert remote.document_text(3) == "document 3 ✓"
+        with pytest.raises(XdiffError, match="no activation store at http://127.0.0.1"):
+            open_store(f"http://127.0.0.1:{server.server_port}/nothing")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_bad_cache_size_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "lots")
     with pytest.raises(XdiffError, match=f"{CACHE_ENV}='lots' is not a size"):
