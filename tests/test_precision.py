@@ -26,19 +26,18 @@ def _tc(precision: str) -> TrainConfig:
 
 @pytest.mark.parametrize("sparse", [True, False])
 def test_bf16_trains_in_bf16_autocast_and_keeps_fp32_weights_and_adam_state(sparse) -> None:
-    matmul_dtypes, results = [], {}
+    autocast_seen, results = [], {}
     for precision in ("fp32", "bf16"):
         tc = _tc(precision)
         tc.sparse_decode = sparse
         trainer = Trainer(_source(), CC, tc, torch.device("cpu"))
-        original = trainer.model.pre_activations
+        original = trainer.model.decoder_norms  # called by both routes inside the forward
 
         def recording(*args, _original=original, _precision=precision, **kwargs):
-            out = _original(*args, **kwargs)
-            matmul_dtypes.append((_precision, out.dtype))
-            return out
+            autocast_seen.append((_precision, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return _original(*args, **kwargs)
 
-        object.__setattr__(trainer.model, "pre_activations", recording)
+        object.__setattr__(trainer.model, "decoder_norms", recording)
         for _ in range(tc.steps):
             out = trainer.train_step()
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -46,10 +45,9 @@ def test_bf16_trains_in_bf16_autocast_and_keeps_fp32_weights_and_adam_state(spar
         assert state and all(s.dtype == torch.float32 for s in state)
         for name, weights in trainer.model.forbidden_weights().items():
             assert torch.count_nonzero(weights) == 0, name
-        results[precision] = (trainer.model.state_dict(), float(out.loss))
-    if not sparse:  # the dense route's encoder runs under autocast: its output is bf16 only with bf16
-        assert {d for p, d in matmul_dtypes if p == "fp32"} == {torch.float32}
-        assert {d for p, d in matmul_dtypes if p == "bf16"} == {torch.bfloat16}
+        results[precision] = (trainer.model.state_dict(), float(out.loss.detach()))
+    assert {(on, dtype) for p, on, dtype in autocast_seen if p == "bf16"} == {(True, torch.bfloat16)}
+    assert {on for p, on, _ in autocast_seen if p == "fp32"} == {False}
     fp32, bf16 = results["fp32"][0], results["bf16"][0]
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # autocast did change the arithmetic
     assert results["bf16"][1] == pytest.approx(results["fp32"][1], rel=0.1)  # but not the training

@@ -111,7 +111,8 @@ def encoder_preacts(
     """x_a W_enc_a + x_b W_enc_b + b_enc, without autograd and before the ReLU."""
     with torch.no_grad():
         pre_NF = torch.addmm(model.b_enc_F, x_NA, model.W_enc_AF)
-        if sync_free:  # out of place: autocast (bf16 on CUDA) does not apply to in-place ops
+        # Out of place under autocast (bf16, `--precision`): it does not apply to in-place ops.
+        if sync_free or torch.is_autocast_enabled(x_NA.device.type):
             return torch.addmm(pre_NF, x_NB, model.W_enc_BF).float()
         return pre_NF.addmm_(x_NB, model.W_enc_BF)
 
