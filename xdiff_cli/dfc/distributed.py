@@ -189,12 +189,13 @@ def global_batch_topk(model: Any, d: Dist) -> None:
     def global_topk_select(pre_NF: torch.Tensor, norm_F: torch.Tensor, k: float, grouped: bool):  # noqa: ANN202
         """`sparse_step.select_batch_topk` against the global cut: this rank's entries among
         the k·N·W best scores ReLU(pre)·norm of the world (flat indices, scores)."""
-        with torch.no_grad(), _Timed(d):
+        with torch.no_grad():
             scores = (pre_NF.clamp_min(0) * norm_F).flatten()
             n_global = max(1, min(int(round(k * pre_NF.shape[0] * d.world)), scores.numel() * d.world))
             top, flat = scores.topk(min(n_global, scores.numel()), sorted=False)
-            gathered = [torch.empty_like(top) for _ in range(d.world)]
-            dist.all_gather(gathered, top)
+            with _Timed(d):  # the communication share counts the collective only
+                gathered = [torch.empty_like(top) for _ in range(d.world)]
+                dist.all_gather(gathered, top)
             cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
             keep = (top >= cut) if cut > 0 else (top > 0)
             if not bool(keep.any()):
