@@ -68,6 +68,18 @@ def test_remote_store_reads_the_same_shards_and_documents_as_the_local_one(local
     assert remote.location.startswith("memory://")
 
 
+def test_reading_a_split_in_order_fetches_the_next_shard_ahead(local_store):
+    remote = open_store(_upload(local_store.dir))
+    split = remote.split("train")
+    shards = iter(split)
+    first = next(shards)
+    assert torch.equal(first.acts_a, local_store.load_shard(0).acts_a)
+    ahead = remote._pending[split.shard_indices[1]].result()  # started while shard 0 was read
+    assert ahead.is_file() and ahead.name.startswith("shard-00001.")
+    assert [len(s) for s in shards] == [len(local_store.load_shard(i)) for i in range(1, split.num_shards)]
+    assert not remote._pending
+
+
 def test_manifest_records_each_shards_size_and_checksum(local_store):
     from xdiff_cli.atomic import file_checksum
 

@@ -4,7 +4,8 @@ Input: a URL of a store's `activations/` folder (`s3://bucket/run/activations`,
 `hf://datasets/org/name/activations`, `gs://…`, `http(s)://…`, `file:///…`, `memory://…`).
 Output: a `RemoteActivationStore`, an `ActivationStore` whose `load_shard(i)` fetches shard i
 on first use into the local cache and reads it from there, so training and analysis never
-need the whole store on local disk.
+need the whole store on local disk. `prefetch(i)` starts that fetch on a background thread:
+the trainer's shuffle buffer and the analysis pass name the next shard while they read one.
 
 The cache (`<cache>/stores/<hash of the URL>/`, one root for every store on this machine):
 - bounded: the shards in it take at most `XDIFF_STORE_CACHE` bytes (default 20G; accepts
@@ -236,6 +237,8 @@ class RemoteActivationStore(ActivationStore):
         self.url, self.fs, self.root, self.cache = url, fs, root.rstrip("/"), cache
         self._sums: dict[str, Any] | None = None
         self._warned_unchecked = False
+        self._pending: dict[int, Any] = {}  # shard index -> Future of a read-ahead fetch
+        self._reader: Any = None  # one background thread for read-ahead
 
     @property
     def location(self) -> str:
@@ -301,7 +304,22 @@ class RemoteActivationStore(ActivationStore):
         return self.cache.fetch(self.fs, self._remote(SHARDS_DIR, name), local, size, crc32,
                                 f"shard {name} at {self.url}")
 
+    def prefetch(self, index: int) -> None:
+        """Start fetching shard `index` in the background (read-ahead: the download overlaps
+        the caller's work on the current shard). Its errors surface when it is loaded."""
+        if index in self._pending or not 0 <= index < self.num_shards:
+            return
+        if self._reader is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xdiff-store-read-ahead")
+        self._pending[index] = self._reader.submit(self.shard_path, index)
+
     def load_shard(self, index: int) -> Shard:
+        pending = self._pending.pop(index, None)
+        if pending is not None:
+            with contextlib.suppress(Exception):  # a failed read-ahead: the fetch below says why
+                pending.result()
         path = self.shard_path(index)
         if not path.is_file():  # evicted by another process between fetch and read: fetch again
             path = self.shard_path(index)

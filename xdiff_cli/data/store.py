@@ -163,8 +163,15 @@ class StoreSplit:
             raise IndexError(f"{self.name} split has {self.num_shards} shards, asked for {i}")
         return self.store.load_shard(self.shard_indices[i])
 
+    def prefetch(self, i: int) -> None:
+        """Say that shard i (within the split) comes next (a remote store starts fetching it)."""
+        if 0 <= i < self.num_shards:
+            self.store.prefetch(self.shard_indices[i])
+
     def __iter__(self):
-        return (self.load_shard(i) for i in range(self.num_shards))
+        for i in range(self.num_shards):
+            self.prefetch(i + 1)
+            yield self.load_shard(i)
 
 
 class ActivationStore:
@@ -203,6 +210,9 @@ class ActivationStore:
 
     def load_shard(self, index: int) -> Shard:
         return load_shard_file(self.shard_path(index))
+
+    def prefetch(self, index: int) -> None:
+        """A hint that shard `index` is read next (nothing to do for a local store)."""
 
     def split(self, name: str) -> StoreSplit:
         eval_start = int(self.manifest["eval_start_shard"])

@@ -131,7 +131,10 @@ class ShuffledBatches:
         order = self._shard_order(pos.epoch)
         mean_shard = self.source.n_tokens / self.source.num_shards
         parts_a, parts_b, rows, i = [], [], 0, pos.shard_pos
+        prefetch = getattr(self.source, "prefetch", None)  # a remote store reads ahead (data/remote.py)
         while i < len(order):
+            if prefetch is not None and i + 1 < len(order):
+                prefetch(int(order[i + 1]))
             shard = self.source.load_shard(int(order[i]))
             parts_a.append(shard.acts_a)
             parts_b.append(shard.acts_b)

@@ -306,7 +306,10 @@ def _stream_statistics(
     recon = {"a": [0.0, 0.0, None], "b": [0.0, 0.0, None]}  # sse, sum of squares, sum of x
     n_tokens, n_active = 0, 0
     batch = _batch_size(cfg, F)
+    read_ahead = getattr(split, "prefetch", None)  # a remote store fetches the next shard meanwhile
     for shard_index in range(split.num_shards):
+        if read_ahead is not None:
+            read_ahead(shard_index + 1)
         shard = split.load_shard(shard_index)
         type_a_N, type_b_N = (t.to(device) for t in shard_word_types(shard, docs, types))
         split_N = (shard.start_a != shard.start_b).to(device=device, dtype=torch.float32)
