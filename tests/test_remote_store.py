@@ -257,3 +257,15 @@ def test_store_of_other_models_is_refused(analysed_tiny_run, tiny_models):
                                  "--layer-a", str(layer), *PULL])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "was harvested from other models or layers (layer_a: store" in result.output
+
+
+def test_run_plan_with_a_store_elsewhere_needs_no_activation_disk(tiny_models, local_store):
+    from xdiff_cli.cli import app
+
+    url = _upload(local_store.dir)
+    result = runner.invoke(app, ["run", str(tiny_models["llama"]), str(tiny_models["qwen3"]), "--store", url,
+                                 "--precision", "bf16", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "store memory://" in flat and "disk 0 B of activations" in flat and ", bf16" in flat
+    assert "aligned pairs (context" not in flat
