@@ -133,7 +133,7 @@ def test_shard_larger_than_the_cache_bound_is_refused(local_store, monkeypatch):
 
 def test_a_killed_download_does_not_count_against_the_bound(local_store, tmp_path):
     cache = StoreCache(tmp_path / "cache", limit=10**6)
-    stale = tmp_path / "cache" / "abc" / "shards" / ".shard-00000.safetensors.999999999.500000.tmp"
+    stale = tmp_path / "cache" / "abc" / "shards" / ".shard-00000.safetensors.999999999.0a1b2c3d.500000.tmp"
     stale.parent.mkdir(parents=True)
     stale.touch()
     assert cache.usage() == 0 and not stale.exists()  # pid 999999999 does not exist
@@ -269,3 +269,48 @@ def test_run_plan_with_a_store_elsewhere_needs_no_activation_disk(tiny_models, l
     flat = " ".join(result.output.split())
     assert "store memory://" in flat and "disk 0 B of activations" in flat and ", bf16" in flat
     assert "aligned pairs (context" not in flat
+
+
+def test_older_store_is_checked_against_the_uploaded_sums_file(local_store):
+    """A manifest from before shard checksums: the `.xdiff-sums.json` uploaded beside the shards
+    is the reference (a damaged shard is still caught)."""
+    manifest = json.loads((local_store.dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["bytes"], entry["crc32"]
+    (local_store.dir / "manifest.json").write_text(json.dumps(manifest))
+    url = _upload(local_store.dir)
+    assert torch.equal(open_store(url).load_shard(0).acts_a, local_store.load_shard(0).acts_a)
+    memory = fsspec.filesystem("memory")
+    path = f"{url.removeprefix('memory://')}/shards/shard-00001.safetensors"
+    memory.pipe_file(path, memory.cat_file(path)[:-1] + b"\x01")
+    with pytest.raises(XdiffError, match=r"shard shard-00001.safetensors at .* \(checksum differs\)"):
+        open_store(url).load_shard(1)
+
+
+def test_processes_sharing_the_cache_keep_it_within_the_bound_together(local_store, tmp_path):
+    """Two readers (as torchrun ranks on one node) over one cache root: each counts the other's
+    downloads in flight, so the shards on disk never exceed the bound."""
+    import threading
+
+    shard_bytes = max(e["bytes"] for e in local_store.manifest["shards"])
+    limit = 3 * shard_bytes
+    url = _upload(local_store.dir)
+    stores = [RemoteActivationStore.open_url(url, cache=StoreCache(tmp_path / "cache", limit)) for _ in range(2)]
+    usage, errors = [], []
+
+    def read(store, order):  # noqa: ANN001
+        try:
+            for i in order:
+                assert torch.equal(store.load_shard(i).acts_b, local_store.load_shard(i).acts_b)
+                usage.append(store.cache.usage())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    orders = [[0, 1, 2, 3, 4, 5] * 2, [5, 3, 1, 4, 2, 0] * 2]
+    threads = [threading.Thread(target=read, args=(s, o)) for s, o in zip(stores, orders, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(usage) == 24 and max(usage) <= limit
+    assert sum(len(s.cache.evicted) for s in stores) > 0

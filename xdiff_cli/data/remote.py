@@ -32,6 +32,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ class StoreCache:
     """Shard files under `root/*/shards/`, at most `limit` bytes together, least recently used
     evicted first. `evicted` lists what this process evicted (for tests and notes)."""
 
-    TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<size>\d+)\.tmp$")
+    TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<tag>[0-9a-f]+)\.(?P<size>\d+)\.tmp$")
 
     def __init__(self, root: Path, limit: int) -> None:
         self.root, self.limit = Path(root), int(limit)
@@ -163,7 +164,8 @@ class StoreCache:
                 f"raise {CACHE_ENV} (e.g. {CACHE_ENV}={max(1, 2 * size // 10**9)}G)",
             )
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{os.getpid()}.{size}.tmp")
+        # pid: a dead process's reservation is dropped; tag: two threads never share a temporary.
+        temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{size}.tmp")
         with self._locked():
             files, reserved = self._entries()
             used = sum(s for _, s, _ in files) + reserved
