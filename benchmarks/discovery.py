@@ -17,15 +17,19 @@ analyses the held-out split and prints:
 - shFP: shared concepts matched by a feature called exclusive (block or R);
 - p5a / p5b: precision of the top 5 A-side / B-side candidates of the default ranking
   (exclusive block or R), i.e. the share matching a planted concept of that side.
+- v_*: the same after `xdiff verify` (what `xdiff run` reports): a feature is called for a
+  side when its verdict is `exclusive` and that side's model predicts it (any block), and
+  the top 5 come from the verified ranking.
 
 A feature *matches* a concept when >= 60% of its held-out firing mass lies on the concept's
 positions and it fires there at least 10 times. A topic's positions are those after its
 first trigger word (the trigger token itself is not one: a feature for the word is not a
 feature for the topic); a token concept's are its words' tokens.
 
-Recipes: `before` = squared loss + per-model AuxK, AuxK weight 0.03, plain init (xdiff
-before #19), `after` = the current defaults (unsquared L2, joint AuxK, balanced exclusive
-init, AuxK weight 0.3); `--sweep` adds the other candidates measured for issue #19.
+Recipes: `before` = squared loss + per-model AuxK, AuxK weight 0.03, plain init, the
+harvest's scalar normalisation (xdiff before #19); `uncentred` = the loss fixes (unsquared L2,
+joint AuxK, balanced exclusive init, AuxK weight 0.3) with the scalar normalisation; `after` =
+the current defaults (those loss fixes, each model's residual centred and scaled); `--sweep` adds the other candidates measured for issue #19.
 Run: `python benchmarks/discovery.py [--pair ctx|tiny] [--seeds 0 1] [--sweep]` (default
 size: a few minutes on 2 cores; 1 torch thread, which is faster than 2 on a shared box).
 """
@@ -48,7 +52,11 @@ SIDE_OF = {"topic_a": "a", "topic_b": "b", "animals": "b", "topic_shared": None,
 
 # name -> TrainConfig overrides (and crosscoder overrides under "cc")
 RECIPES: dict[str, dict] = {
-    "before": {"recon_loss": "mse", "aux_form": "per_model", "aux_coef": 0.03, "cc": {"balance_exclusive_init": False}},
+    "before": {
+        "recon_loss": "mse", "aux_form": "per_model", "aux_coef": 0.03, "normalisation": "store",
+        "cc": {"balance_exclusive_init": False},
+    },
+    "uncentred": {"normalisation": "store"},  # the loss fixes of 0.4's first pass, scalar normalisation
     "after": {},
 }
 SWEEP: dict[str, dict] = {
@@ -59,6 +67,12 @@ SWEEP: dict[str, dict] = {
     "after,k_start=4k": {"k_start_mult": 4},
     "after,window/4": {"dead_window_div": 4},
     "after,lr/3": {"lr_mult": 1 / 3},
+    "after,lr*2": {"lr_mult": 2},
+    "after,lr*4": {"lr_mult": 4},
+    "after,lr*4,aux=1": {"lr_mult": 4, "aux_coef": 1.0},
+    "uncentred,lr*4": {"lr_mult": 4, "normalisation": "store"},
+    "after,aux=0.1": {"aux_coef": 0.1},
+    "after,aux=0.03": {"aux_coef": 0.03},
     "before,aux=0.3": {"recon_loss": "mse", "aux_form": "per_model", "aux_coef": 0.3, "cc": {"balance_exclusive_init": False}},
 }
 
@@ -148,8 +162,7 @@ def firing_mass(crosscoder, split, labels: dict[str, torch.Tensor]) -> tuple[tor
     row = 0
     for i in range(split.num_shards):
         shard = split.load_shard(i)
-        x_a = shard.acts_a.float() * float(split.scale_a)
-        x_b = shard.acts_b.float() * float(split.scale_b)
+        x_a, x_b = crosscoder.normalise(shard.acts_a, shard.acts_b)
         f = crosscoder.encode(x_a, x_b).double()
         n = f.shape[0]
         total += f.sum(0)
@@ -164,14 +177,22 @@ def firing_mass(crosscoder, split, labels: dict[str, torch.Tensor]) -> tuple[tor
 # --- scoring -------------------------------------------------------------------------------
 
 
-def score(features: list[dict], total, on, fires_on) -> dict:  # noqa: ANN001
+def called_by_partition(f: dict) -> str | None:
+    """The side the analysis reports a feature for, if any: its exclusive block, or R."""
+    if f["n_fires"] == 0:
+        return None
+    if f["partition"] in ("a", "b"):
+        return f["partition"]
+    return "a" if f["rel_norm"] > 0.8 else "b" if f["rel_norm"] < 0.2 else None
+
+
+def called_by_verdict(f: dict) -> str | None:
+    """The side `xdiff verify` reports a feature for: verdict exclusive, on the model that predicts it."""
+    return f["probe_side"] if f.get("verdict") == "exclusive" else None
+
+
+def score(features: list[dict], total, on, fires_on, called=called_by_partition) -> dict:  # noqa: ANN001
     """Discovery metrics for one analysed crosscoder (features as `xdiff features --json`)."""
-    def called(f: dict) -> str | None:  # the side a feature is reported for, if any
-        if f["n_fires"] == 0:
-            return None
-        if f["partition"] in ("a", "b"):
-            return f["partition"]
-        return "a" if f["rel_norm"] > 0.8 else "b" if f["rel_norm"] < 0.2 else None
 
     matches: dict[int, set[str]] = {}
     for f in features:
@@ -232,7 +253,8 @@ def train_and_score(store, split_labels, spec: PairSpec, arch: str, seed: int, r
         tc.dead_window_tokens = tc.dead_window() // window_div
     import hashlib
 
-    key = json.dumps([recipe, cc_extra, k_start_mult, window_div, lr, dataclasses.asdict(spec)], sort_keys=True)
+    # The resolved configs, not the recipe: a changed default must not reuse an old model.
+    key = json.dumps([dataclasses.asdict(tc), dataclasses.asdict(cc), dataclasses.asdict(spec)], sort_keys=True)
     out_dir = workdir / f"{arch}-{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     started = time.perf_counter()
     result = train(source, cc, tc, out_dir, progress=False)
@@ -249,6 +271,17 @@ def train_and_score(store, split_labels, spec: PairSpec, arch: str, seed: int, r
     total, on, fires_on = firing_mass(model, eval_split, split_labels)
     row = score(features, total, on, fires_on)
     row["fve"] = (summary["eval_fve_a"] + summary["eval_fve_b"]) / 2
+    # The product's own answer: `xdiff run` verifies, and the verified ranking is the default.
+    from xdiff_cli.findings.verify import verify
+
+    verify(model, source, eval_split, out_dir / "analysis.sqlite", documents=store)
+    index = FeatureIndex.open(out_dir / "analysis.sqlite")
+    try:
+        verified = [dataclasses.asdict(f) for f in index.features()]
+    finally:
+        index.close()
+    after = score(verified, total, on, fires_on, called=called_by_verdict)
+    row.update({f"v_{key}": after.get(key) for key in ("any", "wrong", "shFP", "p5a", "p5b")})
     row["train_s"] = round(train_s, 1)
     return row
 
@@ -277,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - started:.0f} s)", flush=True)
     labels = concept_labels(store, store.split("eval"), spec.concepts)
     print("concept positions in eval: " + ", ".join(f"{c} {int(v.sum())}" for c, v in labels.items()), flush=True)
-    cols = ("dead_a", "dead_b", "dead_sh", "fve", "blk", "R", "any", "wrong", "shFP", "p5a", "p5b", "train_s")
+    cols = ("dead_a", "dead_b", "dead_sh", "fve", "blk", "R", "any", "wrong", "shFP", "p5a", "p5b",
+            "v_any", "v_wrong", "v_shFP", "v_p5a", "v_p5b", "train_s")
     print(f"{'arch':10} {'recipe':18} {'seed':>4} " + " ".join(f"{c:>7}" for c in cols), flush=True)
     rows = []
     for recipe_name in chosen:

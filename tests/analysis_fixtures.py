@@ -91,7 +91,8 @@ class FakeStore:
 
 def hand_built_crosscoder(d_a: int = D_A, d_b: int = D_B) -> Crosscoder:
     """dict 20, 1 A-exclusive (0), 1 B-exclusive (1), 18 shared; weights read the concept dims."""
-    cc = Crosscoder(CrosscoderConfig(d_a=d_a, d_b=d_b, dict_size=20, k=2, exclusive_frac=0.05))
+    cc = Crosscoder(CrosscoderConfig(d_a=d_a, d_b=d_b, dict_size=20, k=2, exclusive_frac=0.05,
+                                        scale_a=FakeStore.scale_a, scale_b=FakeStore.scale_b))
     with torch.no_grad():
         for p in cc.parameters():
             p.zero_()

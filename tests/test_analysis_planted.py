@@ -56,8 +56,10 @@ def test_planted_concepts_end_to_end(analysed_tiny_run, monkeypatch):  # noqa: A
 
     # 1. The animal concept: the first-ranked B-exclusive feature fires on several different
     #    animal words (a concept, not one word), and it is in the top 3 of the whole ranking.
+    #    (>= 60% of its examples: benchmarks/discovery.py's "matches a concept" share; with live
+    #    exclusive blocks the first feature also takes a word or two of B's own, e.g. a name.)
     best_b = next(f for f in ranked if f["partition"] == "b")
-    assert concept_share(best_b, ANIMALS) >= 0.75, fired_words(best_b)
+    assert concept_share(best_b, ANIMALS) >= 0.6, fired_words(best_b)
     assert len(distinct(best_b, ANIMALS)) >= 3, fired_words(best_b)
     assert best_b["rank"] <= 3
     # Taken together, the B-exclusive features cover most of the animal words.

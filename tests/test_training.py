@@ -18,6 +18,7 @@ from xdiff_cli.dfc.training import (
     checkpoint_dirs,
     geometric_median,
     k_at,
+    normalisation_stats,
     train,
 )
 from xdiff_cli.errors import XdiffError
@@ -98,9 +99,38 @@ def test_training_writes_metrics_checkpoints_and_a_final_model_with_the_scales(t
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000016", "step-0000024"]  # last 2 kept
     model = Crosscoder.load(result.final_dir)
-    assert (model.cfg.scale_a, model.cfg.scale_b) == (0.5, 2.0)
     assert float(model.threshold) > 0
     assert result.steps == 24 and result.l0 == lines[-1]["l0"]
+    # Centred normalisation: the saved means and scales make the training data's centred
+    # median norm √((d_a+d_b)/2), whatever the store's own scalars (0.5, 2.0) were.
+    source = _source()
+    x_a, x_b = model.normalise(source.acts_a, source.acts_b)
+    target = ((CC.d_a + CC.d_b) / 2) ** 0.5
+    for x in (x_a, x_b):
+        assert x.mean(0).norm() < 1e-3 * target
+        assert float(x.norm(dim=1).median()) == pytest.approx(target, rel=1e-3)
+
+
+def test_store_normalisation_keeps_the_harvest_scales_and_zero_means(tmp_path) -> None:
+    result = train(_source(), CC, _tc(steps=8, normalisation="store"), tmp_path, progress=False)
+    model = Crosscoder.load(result.final_dir)
+    assert (model.cfg.scale_a, model.cfg.scale_b) == (0.5, 2.0)
+    assert model.mean_A.abs().max() == 0 and model.mean_B.abs().max() == 0
+
+
+def test_centring_equalises_the_variance_a_constant_offset_hides() -> None:
+    # B is A's signal plus a large constant offset (as Gemma's residual): the scalar rule
+    # would give B ~1/30 of A's variance; centred, both bring the same.
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(4096, 16, generator=g)
+    offset = torch.zeros(16)
+    offset[0] = 200.0
+    source = InMemorySource(signal, signal + offset, shard_size=1024)
+    mean_a, mean_b, scale_a, scale_b = normalisation_stats(source)
+    var_a = ((signal - mean_a) * scale_a).var(0).sum()
+    var_b = ((signal + offset - mean_b) * scale_b).var(0).sum()
+    assert float(var_b / var_a) == pytest.approx(1.0, rel=1e-4)
+    assert float(mean_b[0]) == pytest.approx(200.0, abs=0.1)
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
@@ -193,7 +223,7 @@ def test_train_run_trains_from_the_store_records_metrics_and_then_returns_at_onc
     final = run.crosscoder_dir / "final"
     model = Crosscoder.load(final)
     assert (model.cfg.d_a, model.cfg.d_b, model.cfg.dict_size, model.cfg.k) == (10, 14, 48, 4)
-    assert (model.cfg.scale_a, model.cfg.scale_b) == (0.5, 2.0)
+    assert model.cfg.scale_a > 0 and model.mean_A.abs().sum() > 0  # centred on the store's training split
     metrics = Run.load(run.dir).metrics
     assert metrics["l0"] == pytest.approx(4.0, abs=0.1) and 0 < metrics["fve_a"] < 1
     assert set(metrics) >= {"fve_a", "fve_b", "l0", "dead_fraction"}

@@ -23,7 +23,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-DOC_CHARS = 3000
+DOC_CHARS = 1000  # ~230 tokens: one document fills about one 256-token context, so little is truncated away
 MIN_DOCSTRING_CHARS = 160  # one-line docstrings are API labels, not prose
 _SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
               "dist-packages", "ensurepip", "venv", "__pycache__", "pydoc_data", "encodings"}

@@ -14,8 +14,10 @@ Forbidden weights are zero at init and gradient hooks zero their gradients, so w
 (no weight decay) their moments stay zero and they stay exactly zero forever.
 
 Shape suffixes: A/B = d_a/d_b model widths, F = dict_size, N = tokens in a batch.
-All activations here are *normalised* (raw × scale); `scale_a`/`scale_b` are kept in the
-config so steering can map decoder vectors back to a model's raw residual space.
+All activations here are *normalised*: (raw − mean) × scale per model (`normalise`). The
+scalars `scale_a`/`scale_b` live in the config and the per-dimension means in the buffers
+`mean_A`/`mean_B`, so steering can map decoder vectors back to a model's raw residual space.
+Crosscoders trained before the means existed load with zero means (scale only), unchanged.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class CrosscoderConfig:
     # Exclusive decoder rows start with the Σ_m ‖d_i^m‖ (BatchTopK's ranking norm) of an
     # average shared row instead of the same L2 norm (which ranks them ~1/√2 lower).
     balance_exclusive_init: bool = True
-    scale_a: float = 1.0  # raw activation × scale_a = normalised activation
+    scale_a: float = 1.0  # (raw activation − mean_A) × scale_a = normalised activation
     scale_b: float = 1.0
 
     @property
@@ -120,6 +122,9 @@ class Crosscoder(nn.Module):
         self.register_buffer("mask_b_F", reads_b)
         # Inference threshold on the ranking score; < 0 means "not calibrated yet".
         self.register_buffer("threshold", torch.tensor(-1.0))
+        # Per-dimension means of each model's raw residual, subtracted before scaling (zero: scale only).
+        self.register_buffer("mean_A", torch.zeros(A))
+        self.register_buffer("mean_B", torch.zeros(B))
         self.reset_parameters()
         self._install_gradient_masks()
 
@@ -159,6 +164,17 @@ class Crosscoder(nn.Module):
         self.W_dec_FB.register_hook(lambda g: g * self.mask_b_F[:, None])
 
     # --- forward ------------------------------------------------------------------------
+    def normalise(self, raw_NA: torch.Tensor, raw_NB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw residuals (any float dtype) → this crosscoder's float32 input space."""
+        x_NA = (raw_NA.to(torch.float32) - self.mean_A) * self.cfg.scale_a
+        x_NB = (raw_NB.to(torch.float32) - self.mean_B) * self.cfg.scale_b
+        return x_NA, x_NB
+
+    @torch.no_grad()
+    def set_normalisation(self, mean_A: torch.Tensor, mean_B: torch.Tensor) -> None:
+        self.mean_A.copy_(mean_A)
+        self.mean_B.copy_(mean_B)
+
     def pre_activations(self, x_NA: torch.Tensor, x_NB: torch.Tensor) -> torch.Tensor:
         return torch.relu(x_NA @ self.W_enc_AF + x_NB @ self.W_enc_BF + self.b_enc_F)
 
@@ -277,6 +293,8 @@ class Crosscoder(nn.Module):
         except (json.JSONDecodeError, TypeError, SafetensorError, OSError) as exc:
             raise XdiffError(f"the crosscoder in {directory} is corrupt ({exc})", "retrain with `xdiff train`") from exc
         model = cls(cfg).to(device)
+        for name in ("mean_A", "mean_B"):  # saved before the means existed: scale-only normalisation
+            state.setdefault(name, torch.zeros_like(getattr(model, name)))
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

@@ -3,7 +3,7 @@
 The recipe follows the DFC paper and its public code (docs: DESIGN.md §2):
 
     f      = BatchTopK_k(ReLU(W_enc x + b_enc)), ranked by f_i · Σ_m ‖d_i^m‖
-    loss   = mean_{N,m} ‖x_m − x̂_m‖₂  +  0.3 · AuxK         (unsquared, as the paper's code)
+    loss   = mean_{N,m} ‖x_m − x̂_m‖₂  +  1.0 · AuxK         (unsquared, as the paper's code)
     k      annealed linearly from k_start (1000, capped at dict_size) to k
     AuxK   dead features (no activation for `dead_window_tokens`), top k_aux by activation ×
            decoder norm, fit both models' residual; one term normalised by its variance
@@ -110,13 +110,16 @@ class ShuffledBatches:
     it and a short tail is dropped. Everything depends only on the seed and the position, so
     `DataPosition` alone resumes the stream exactly."""
 
-    def __init__(self, source, batch_size: int, seed: int, device: torch.device, buffer_tokens: int = 262_144):
+    def __init__(
+        self, source, batch_size: int, seed: int, device: torch.device, buffer_tokens: int = 262_144, normalise=None
+    ):  # noqa: ANN001 - normalise: (raw_a, raw_b) -> normalised float32 pair; default: × the source's scales
         if source.n_tokens < batch_size:
             raise XdiffError(
                 f"the activation store holds {source.n_tokens} tokens, fewer than one batch ({batch_size})",
                 "harvest more tokens (--tokens) or lower --batch-size",
             )
         self.source, self.batch_size, self.seed, self.device = source, batch_size, seed, device
+        self.normalise = normalise or (lambda a, b: (a.float() * source.scale_a, b.float() * source.scale_b))
         self.buffer_tokens = max(buffer_tokens, batch_size)
         self.position = DataPosition()
         self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -168,7 +171,7 @@ class ShuffledBatches:
             return self.next()
         self.position = dataclasses.replace(self.position, batch_in_buffer=self.position.batch_in_buffer + 1)
         rows = slice(start, start + self.batch_size)
-        return buf_a[rows].float() * self.source.scale_a, buf_b[rows].float() * self.source.scale_b
+        return self.normalise(buf_a[rows], buf_b[rows])
 
     def seek(self, position: DataPosition) -> None:
         self.position = position
@@ -193,18 +196,25 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: min(1000, 1% of steps)
     k_start: int | None = None  # None: min(1000, dict_size)
     k_anneal_steps: int | None = None  # None: min(5000, 5% of steps)
-    # 10x the paper's 0.03: with short runs AuxK must revive dead exclusive features within the
-    # run (benchmarks/discovery.py: held-out dead A/B 63%/49% at 0.03, 35%/37% at 0.3).
-    aux_coef: float = 0.3
+    # ~30x the paper's 1/32: in short runs AuxK must revive dead exclusive features within the
+    # run (benchmarks/discovery.py, ctx pair: held-out dead A/B 63%/49% at 0.03, 35%/37% at 0.3;
+    # real pair, 1,000 steps: B-exclusive 39% dead at 0.3, 20% at 1.0, FVE unchanged).
+    aux_coef: float = 1.0
     k_aux: int | None = None  # None: min(512, mean width / 2)
     # "l2": mean over tokens and models of the unsquared error norm ‖x_m − x̂_m‖₂ (the paper's
-    # code; keeps exclusive blocks alive); "mse": Σ_m mean_N ‖x_m − x̂_m‖² (before 0.4).
+    # code; keeps exclusive blocks alive); "mse": Σ_m mean_N ‖x_m − x̂_m‖² (xdiff 0.1).
     recon_loss: str = "l2"
     # "joint": one AuxK term over both models' residual, normalised by its variance, dead
     # latents chosen by activation × decoder norm (the paper's code); "per_model": one squared
     # term per model, chosen by activation.
     aux_form: str = "joint"
     dead_window_tokens: int | None = None  # None: min(10M, 5% of the tokens seen in training)
+    # "centred": each model's residual minus its mean, scaled so the median norm of that is
+    # √((d_a+d_b)/2) (measured on the training split at the start); "store": the harvest's
+    # scalar only (xdiff 0.1). Centring matters when one model's residual is mostly a
+    # constant offset: on Gemma-3-270M 95% of the squared norm is the mean, so the scalar rule
+    # left it 9× less variance than SmolLM2's and its exclusive block never won a top-k slot.
+    normalisation: str = "centred"
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
     # True: the optimised step (xdiff_cli/dfc/sparse_step.py: sparse encoder backward, pre-filtered
@@ -228,6 +238,8 @@ class TrainConfig:
             raise XdiffError(f"unknown reconstruction loss {self.recon_loss!r}", "use l2 or mse")
         if self.aux_form not in ("joint", "per_model"):
             raise XdiffError(f"unknown AuxK form {self.aux_form!r}", "use joint or per_model")
+        if self.normalisation not in ("centred", "store"):
+            raise XdiffError(f"unknown normalisation {self.normalisation!r}", "use centred or store")
         if self.precision not in PRECISIONS:
             raise XdiffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
@@ -287,6 +299,37 @@ def geometric_median(x_ND: torch.Tensor, iters: int = 100, eps: float = 1e-6) ->
         if moved < eps * (1 + median.norm()):
             break
     return median.to(x_ND.dtype)
+
+
+NORMALISATION_SAMPLE_TOKENS = 65_536
+
+
+@torch.no_grad()
+def normalisation_stats(source, sample_tokens: int = NORMALISATION_SAMPLE_TOKENS):  # noqa: ANN001, ANN201
+    """Per-model mean and scale for the "centred" normalisation, from the first shards of
+    `source` in index order (deterministic: a resumed run, and every torchrun rank, gets
+    the same numbers). Returns (mean_A, mean_B, scale_a, scale_b).
+
+    scale_m = √((d_a+d_b)/2) / median ‖raw_m − mean_m‖: the DESIGN's median-norm rule applied to
+    centred vectors, so both models bring the same variance into the loss."""
+    parts_a, parts_b, rows = [], [], 0
+    for index in range(source.num_shards):
+        shard = source.load_shard(index)
+        parts_a.append(shard.acts_a[: sample_tokens - rows].double())
+        parts_b.append(shard.acts_b[: sample_tokens - rows].double())
+        rows += parts_a[-1].shape[0]
+        if rows >= sample_tokens:
+            break
+    target = math.sqrt((source.d_a + source.d_b) / 2)
+    out = []
+    for raw in (torch.cat(parts_a), torch.cat(parts_b)):
+        mean = raw.mean(0)
+        median_norm = float((raw - mean).norm(dim=1).median())
+        if not math.isfinite(median_norm) or median_norm <= 0:
+            raise XdiffError("the activation store has constant or non-finite activations", "re-harvest the run")
+        out.append((mean.float(), target / median_norm))
+    (mean_a, scale_a), (mean_b, scale_b) = out
+    return mean_a, mean_b, scale_a, scale_b
 
 
 @torch.no_grad()
@@ -478,12 +521,17 @@ class TrainResult:
 class Trainer:
     """Model, optimizer, data stream and the running state that a checkpoint must hold."""
 
-    def __init__(self, source, cc: CrosscoderConfig, tc: TrainConfig, device: torch.device) -> None:
+    def __init__(self, source, cc: CrosscoderConfig, tc: TrainConfig, device: torch.device, means=None) -> None:  # noqa: ANN001
         self.cc, self.tc, self.device, self.source = cc, tc, device, source
         torch.manual_seed(tc.seed)
         self.model = Crosscoder(cc).to(device)
+        if means is not None:  # (mean_A, mean_B) of the centred normalisation
+            self.model.set_normalisation(*means)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999))
-        self.batches = ShuffledBatches(source, tc.batch_size, tc.seed, device, tc.buffer_tokens)
+        self.batches = ShuffledBatches(
+            source, tc.batch_size, tc.seed, device, tc.buffer_tokens,
+            normalise=self.model.normalise if means is not None else None,  # None: the source's scales
+        )
         self.step = 0
         self.tokens_since_fired_F = torch.zeros(cc.dict_size, dtype=torch.long, device=device)
         self.threshold_ema = torch.zeros((), dtype=torch.float64, device=device)
@@ -697,9 +745,17 @@ def train(
     from xdiff_cli.atomic import write_json
 
     tc = train_config.validate()
-    cc = dataclasses.replace(cc_config, scale_a=float(source.scale_a), scale_b=float(source.scale_b)).validate()
-    if (source.d_a, source.d_b) != (cc.d_a, cc.d_b):
-        raise XdiffError(f"store widths ({source.d_a}, {source.d_b}) differ from the crosscoder's ({cc.d_a}, {cc.d_b})")
+    if (source.d_a, source.d_b) != (cc_config.d_a, cc_config.d_b):
+        raise XdiffError(
+            f"store widths ({source.d_a}, {source.d_b}) differ from the crosscoder's ({cc_config.d_a}, {cc_config.d_b})"
+        )
+    means = None
+    if tc.normalisation == "centred":
+        mean_a, mean_b, scale_a, scale_b = normalisation_stats(source)
+        means = (mean_a, mean_b)
+    else:
+        scale_a, scale_b = float(source.scale_a), float(source.scale_b)
+    cc = dataclasses.replace(cc_config, scale_a=scale_a, scale_b=scale_b).validate()
     if cc.k > cc.dict_size:
         raise XdiffError(f"--k ({cc.k}) cannot exceed the dictionary size ({cc.dict_size})")
     out_dir = Path(out_dir)
@@ -714,11 +770,14 @@ def train(
         clean_temp_files(out_dir)  # what a killed or disk-full run left half-written
     # Rank 0 picks the checkpoint first (removing damaged ones); the other ranks then find
     # only sound ones, so every rank resumes from the same step.
-    trainer = _resume(Trainer(source, cc, tc, device), out_dir, lambda: Trainer(source, cc, tc, device)) if main else None
+    def make_trainer() -> Trainer:
+        return Trainer(source, cc, tc, device, means)
+
+    trainer = _resume(make_trainer(), out_dir, make_trainer) if main else None
     if dist is not None:
         dist.barrier()
         if not main:
-            trainer = _resume(Trainer(source, cc, tc, device), out_dir, lambda: Trainer(source, cc, tc, device))
+            trainer = _resume(make_trainer(), out_dir, make_trainer)
         distributed.attach(trainer, dist)  # after the resume: its batch slice keeps the resumed position
         progress = progress and main
     resumed_from = trainer.step or None

@@ -277,10 +277,9 @@ def _batch_size(cfg: AnalysisConfig, n_features: int) -> int:
     return max(64, min(8192, (64 * 2**20) // max(1, n_features)))
 
 
-def _normalised(shard: Shard, split: EvalSplit, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x_a = shard.acts_a[rows].to(device=device, dtype=torch.float32) * float(split.scale_a)
-    x_b = shard.acts_b[rows].to(device=device, dtype=torch.float32) * float(split.scale_b)
-    return x_a, x_b
+def normalised_rows(shard: Shard, crosscoder, rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The shard's raw rows in `crosscoder`'s input space (its own means and scales)."""
+    return crosscoder.normalise(shard.acts_a[rows].to(device), shard.acts_b[rows].to(device))
 
 
 @torch.no_grad()
@@ -321,7 +320,7 @@ def _stream_statistics(
         n_rows = int(shard.doc_id.numel())
         for lo in range(0, n_rows, batch):
             rows = slice(lo, min(n_rows, lo + batch))
-            x_a, x_b = _normalised(shard, split, rows, device)
+            x_a, x_b = normalised_rows(shard, crosscoder, rows, device)
             f_NF = crosscoder.encode(x_a, x_b)
             _accumulate_reconstruction(recon, crosscoder, f_NF, x_a, x_b)
             fired = f_NF > 0
@@ -424,8 +423,7 @@ def _window_activations(crosscoder, split: EvalSplit, shard: Shard, wanted: list
         width = int((last_n - first_n).max()) + 1
         rows_NW = torch.minimum(first_n[:, None] + torch.arange(width)[None, :], last_n[:, None])
         feats = torch.tensor([w.feature for w in part], device=device)
-        x_a = shard.acts_a[rows_NW].to(device=device, dtype=torch.float32) * float(split.scale_a)  # [n, W, A]
-        x_b = shard.acts_b[rows_NW].to(device=device, dtype=torch.float32) * float(split.scale_b)
+        x_a, x_b = normalised_rows(shard, crosscoder, rows_NW, device)  # [n, W, A], [n, W, B]
         pre = (
             torch.einsum("nwa,an->nw", x_a, crosscoder.W_enc_AF[:, feats])
             + torch.einsum("nwb,bn->nw", x_b, crosscoder.W_enc_BF[:, feats])

@@ -134,8 +134,7 @@ def collect_evidence(
     with torch.no_grad():
         for index in range(split.num_shards):
             shard = split.load_shard(index)
-            x_a = shard.acts_a.to(device=device, dtype=torch.float32) * float(split.scale_a)
-            x_b = shard.acts_b.to(device=device, dtype=torch.float32) * float(split.scale_b)
+            x_a, x_b = crosscoder.normalise(shard.acts_a.to(device), shard.acts_b.to(device))
             acts = torch.cat([_selected_activations(crosscoder, x_a[lo:lo + 8192], x_b[lo:lo + 8192], feats_S)
                               for lo in range(0, len(x_a), 8192)]) if len(x_a) else torch.zeros(0, len(features))
             shards.append(_ShardRows(acts.cpu(), shard.doc_id.tolist(),

@@ -41,7 +41,7 @@ def quantile_examples(
     """`per_band` random firings of `feature` in each band of its activation (fraction of `s_max`)."""
     import torch
 
-    from xdiff_cli.findings.analysis import AnalysisConfig, _Documents, _example_rows, _normalised
+    from xdiff_cli.findings.analysis import AnalysisConfig, _Documents, _example_rows, normalised_rows
 
     device = torch.device("cpu")
     crosscoder = crosscoder.to(device).eval()
@@ -52,7 +52,7 @@ def quantile_examples(
         for shard_index in range(split.num_shards):
             shard = split.load_shard(shard_index)
             n = shard.acts_a.shape[0]
-            x_a, x_b = _normalised(shard, split, slice(0, n), device)
+            x_a, x_b = normalised_rows(shard, crosscoder, slice(0, n), device)
             pre_N = (x_a @ crosscoder.W_enc_AF[:, feature] + x_b @ crosscoder.W_enc_BF[:, feature]
                      + crosscoder.b_enc_F[feature]).relu()
             acts_N = pre_N * (pre_N * score > threshold)

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import torch
 
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.findings.analysis import normalised_rows
 from xdiff_cli.findings.feature_index import (
     VERDICTS,
     Evidence,
@@ -216,10 +217,6 @@ class HeldOutScore:
         return self.pos.view(-1, self.bins).sum(1)
 
 
-def _normalised(shard: Any, split: Split, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x_a = shard.acts_a[rows].to(device=device, dtype=torch.float32) * float(split.scale_a)
-    x_b = shard.acts_b[rows].to(device=device, dtype=torch.float32) * float(split.scale_b)
-    return x_a, x_b
 
 
 def _spread_shards(n_shards: int, n_tokens: int, wanted: int) -> list[int]:
@@ -297,7 +294,7 @@ def fit_probes(
         n_rows = int(shard.acts_a.shape[0])
         for lo in range(0, n_rows, cfg.batch_tokens):
             rows = slice(lo, min(n_rows, lo + cfg.batch_tokens))
-            x_a, x_b = _normalised(shard, train, rows, device)
+            x_a, x_b = normalised_rows(shard, crosscoder, rows, device)
             y_NF = crosscoder.encode(x_a, x_b)[:, feats]
             if not acc["a"]:  # every fold shares the first batch's shift, so folds can be summed
                 for side, x in (("a", x_a), ("b", x_b)):
@@ -357,7 +354,7 @@ def score_probes(
         n_rows = int(shard.acts_a.shape[0])
         for lo in range(0, n_rows, cfg.batch_tokens):
             rows = slice(lo, min(n_rows, lo + cfg.batch_tokens))
-            x = dict(zip(("a", "b"), _normalised(shard, eval_split, rows, device), strict=True))
+            x = dict(zip(("a", "b"), normalised_rows(shard, crosscoder, rows, device), strict=True))
             y_NF = crosscoder.encode(x["a"], x["b"])[:, feats]
             fold = fold_N[rows]
             for side in ("a", "b"):
