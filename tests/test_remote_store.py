@@ -294,7 +294,7 @@ def test_processes_sharing_the_cache_keep_it_within_the_bound_together(local_sto
 
     shard_bytes = max(e["bytes"] for e in local_store.manifest["shards"])
     limit = 3 * shard_bytes
-    url = _upload(local_store.dir)
+    url = local_store.dir.as_uri()  # file://: fsspec's memory:// shares one file object between threads
     stores = [RemoteActivationStore.open_url(url, cache=StoreCache(tmp_path / "cache", limit)) for _ in range(2)]
     usage, errors = [], []
 

@@ -191,7 +191,8 @@ class StoreCache:
                 raise XdiffError(f"{what} does not match the store's manifest ({problem})",
                                  "the remote copy is damaged or was replaced: upload it again, or harvest again")
             os.replace(temp, target)
-            _touch(target)
+            with contextlib.suppress(FileNotFoundError):  # another reader may evict it at once
+                _touch(target)
         finally:
             temp.unlink(missing_ok=True)
         return target
@@ -322,10 +323,14 @@ class RemoteActivationStore(ActivationStore):
         if pending is not None:
             with contextlib.suppress(Exception):  # a failed read-ahead: the fetch below says why
                 pending.result()
-        path = self.shard_path(index)
-        if not path.is_file():  # evicted by another process between fetch and read: fetch again
+        for _ in range(3):  # another reader (a torchrun rank) may evict it between fetch and read
             path = self.shard_path(index)
-        return load_shard_file(path)
+            try:
+                return load_shard_file(path)
+            except XdiffError:
+                if path.is_file():
+                    raise
+        return load_shard_file(self.shard_path(index))
 
     def document_text(self, doc_id: int) -> str:
         self._fetch_documents()
