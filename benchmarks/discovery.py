@@ -26,10 +26,11 @@ positions and it fires there at least 10 times. A topic's positions are those af
 first trigger word (the trigger token itself is not one: a feature for the word is not a
 feature for the topic); a token concept's are its words' tokens.
 
-Recipes: `before` = squared loss + per-model AuxK, AuxK weight 0.03, plain init, the
-harvest's scalar normalisation (xdiff before #19); `uncentred` = the loss fixes (unsquared L2,
-joint AuxK, balanced exclusive init, AuxK weight 0.3) with the scalar normalisation; `after` =
-the current defaults (those loss fixes, each model's residual centred and scaled); `--sweep` adds the other candidates measured for issue #19.
+Recipes: `before` = xdiff 0.1 (squared loss, per-model AuxK at 0.03, plain init, the
+harvest's scalar normalisation, lr 1e-3); `loss-fix` = the first pass at #19 (the paper code's
+unsquared L2 loss and joint AuxK, balanced exclusive init, AuxK 0.3; scalar normalisation,
+lr 1e-3); `after` = the current defaults (each model's residual centred and scaled, AuxK
+1.0, lr 4e-3 as in presets/tiny.toml); `--sweep` adds the other candidates measured.
 Run: `python benchmarks/discovery.py [--pair ctx|tiny] [--seeds 0 1] [--sweep]` (default
 size: a few minutes on 2 cores; 1 torch thread, which is faster than 2 on a shared box).
 """
@@ -52,12 +53,14 @@ SIDE_OF = {"topic_a": "a", "topic_b": "b", "animals": "b", "topic_shared": None,
 
 # name -> TrainConfig overrides (and crosscoder overrides under "cc")
 RECIPES: dict[str, dict] = {
-    "before": {
+    "before": {  # xdiff 0.1
         "recon_loss": "mse", "aux_form": "per_model", "aux_coef": 0.03, "normalisation": "store",
-        "cc": {"balance_exclusive_init": False},
+        "lr_mult": 0.25, "cc": {"balance_exclusive_init": False},
     },
-    "uncentred": {"normalisation": "store"},  # the loss fixes of 0.4's first pass, scalar normalisation
-    "after": {},
+    # The first pass at #19: the paper code's loss, balanced init, AuxK 0.3, the harvest's scalar
+    # normalisation and the old learning rate.
+    "loss-fix": {"aux_coef": 0.3, "normalisation": "store", "lr_mult": 0.25},
+    "after": {},  # the current defaults: + centred normalisation, AuxK 1.0, the presets' 4x rate
 }
 SWEEP: dict[str, dict] = {
     "l2+joint": {"aux_coef": 0.03, "cc": {"balance_exclusive_init": False}},
@@ -67,11 +70,9 @@ SWEEP: dict[str, dict] = {
     "after,k_start=4k": {"k_start_mult": 4},
     "after,window/4": {"dead_window_div": 4},
     "after,lr/3": {"lr_mult": 1 / 3},
-    "after,lr*2": {"lr_mult": 2},
-    "after,lr*4": {"lr_mult": 4},
-    "after,lr*4,aux=1": {"lr_mult": 4, "aux_coef": 1.0},
-    "uncentred,lr*4": {"lr_mult": 4, "normalisation": "store"},
-    "after,aux=0.1": {"aux_coef": 0.1},
+    "after,lr/2": {"lr_mult": 0.5},
+    "after,uncentred": {"normalisation": "store"},
+    "after,aux=0.3": {"aux_coef": 0.3},
     "after,aux=0.03": {"aux_coef": 0.03},
     "before,aux=0.3": {"recon_loss": "mse", "aux_form": "per_model", "aux_coef": 0.3, "cc": {"balance_exclusive_init": False}},
 }
@@ -91,8 +92,8 @@ class PairSpec:
 
 
 PAIRS = {
-    "ctx": PairSpec(("llama-ctx", "qwen3-ctx"), tuple(SIDE_OF), 32_000, 512, 16, 1000, 256, 1e-3),
-    "tiny": PairSpec(("llama", "qwen3"), ("animals", "colors"), 20_000, 256, 16, 800, 256, 1e-3),
+    "ctx": PairSpec(("llama-ctx", "qwen3-ctx"), tuple(SIDE_OF), 32_000, 512, 16, 1000, 256, 4e-3),
+    "tiny": PairSpec(("llama", "qwen3"), ("animals", "colors"), 20_000, 256, 16, 800, 256, 4e-3),  # presets/tiny.toml
 }
 
 

@@ -111,6 +111,7 @@ def exclusive_report(run: Run, n_top: int = 5, n_examples: int = 3) -> dict:
                 rows.append({
                     "id": feature.id, "frequency": feature.frequency, "top_token": feature.top_token,
                     "max_activation": feature.max_activation, "label": feature.label,
+                    "verdict": feature.verdict, "reason": feature.verdict_reason,
                     "examples": [pipeline._snippet(e.text, e.start, e.end, width=40) for e in examples],
                 })
             report["top"][side] = rows
@@ -153,7 +154,8 @@ def print_report(run: Run, times: dict[str, float], peak_rss: float | None, esti
     for side in ("a", "b"):
         print(f"\ntop {len(report['top'][side])} {side.upper()}-exclusive features")
         for row in report["top"][side]:
-            print(f"  #{row['id']}  freq {row['frequency']:.4f}  top token {row['top_token']!r}  max {row['max_activation']:.2f}")
+            print(f"  #{row['id']}  freq {row['frequency']:.4f}  top token {row['top_token']!r}  max {row['max_activation']:.2f}"
+                  f"  verdict {row['verdict'] or '-'}" + (f" ({row['reason']})" if row["reason"] else ""))
             for example in row["examples"]:
                 print(f"      {example}")
     print("\n" + json.dumps({"times": times, "peak_rss_gib": peak_rss, "metrics": metrics}, default=str))

@@ -103,3 +103,53 @@ def test_exclusive_blocks_stay_alive_and_their_dead_share_is_reported(analysed_t
     assert metrics["eval_dead_b"] <= 0.5
     table = runner.invoke(app, ["features", "--run", run_id, "--limit", "3"])
     assert table.exit_code == 0 and "dead: A-only" in " ".join(table.output.split())
+
+
+def test_stored_per_token_activations_match_a_recomputation_over_the_context(analysed_tiny_run, monkeypatch):  # noqa: ANN001
+    """Every token of a top example's context carries the feature's activation there (for
+    Neuronpedia-style shading): recompute it with the trained crosscoder from the store."""
+    import torch
+
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.dfc.crosscoder import Crosscoder
+    from xdiff_cli.findings.feature_index import FeatureIndex
+    from xdiff_cli.run.runs import load_run
+
+    home, run_id = analysed_tiny_run
+    monkeypatch.setenv("XDIFF_HOME", str(home))
+    run = load_run(run_id)
+    index = FeatureIndex.open(run.analysis_path)
+    # The strongest example of the first live feature whose context has co-firing tokens
+    # (else the first live feature's): a real check of the whole window.
+    live = index.features(alive_only=True, limit=40)
+    examples = [index.examples(f.id, view=f.own_view, limit=1)[0] for f in live]
+    pick = next((i for i, e in enumerate(examples) if sum(a > 0 for _, _, a in e.token_acts) > 1), 0)
+    feature, example = live[pick], examples[pick]
+    assert len(example.token_acts) > 1  # the whole window, not only the firing token
+
+    crosscoder = Crosscoder.load(run.crosscoder_dir / "final")
+    store = ActivationStore.open(run.store_dir)
+    split = store.split("eval")
+    doc = store.document_text(example.doc_id)
+    wanted = {(s, e) for s, e, _ in example.token_acts}
+    for i in range(split.num_shards):
+        shard = split.load_shard(i)
+        rows = (shard.doc_id == example.doc_id).nonzero().flatten().tolist()
+        starts = (shard.start_b if example.view == "b" else shard.start_a).tolist()
+        ends = shard.end.tolist()
+        for r in rows:
+            lo = ends[r] - example.end
+            if starts[r] - lo == example.start and doc[lo : lo + len(example.text)] == example.text:
+                window = [q for q in rows if (starts[q] - lo, ends[q] - lo) in wanted]
+                break
+        else:
+            continue
+        break
+    assert len(window) == len(example.token_acts)
+    with torch.no_grad():
+        acts = crosscoder.encode(*crosscoder.normalise(shard.acts_a[window], shard.acts_b[window]))[:, feature.id]
+    stored = [a for _, _, a in sorted(example.token_acts)]
+    assert stored == pytest.approx(acts.tolist(), abs=2e-3, rel=2e-3)
+    firing = {(s, e): a for s, e, a in example.token_acts}[(example.start, example.end)]
+    assert firing == pytest.approx(example.activation, rel=1e-3)
+    index.close()

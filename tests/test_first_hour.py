@@ -53,13 +53,23 @@ def test_frequency_is_formatted_for_its_range():
 
 
 def test_runs_and_presets_tables_never_cut_ids_at_80_columns():
+    from xdiff_cli.run.runs import Run
+    from xdiff_cli.run.settings import RunSettings
+
     make_analysed_run("20250101-120000-abcd")
+    long_a, long_b = "HuggingFaceTB/SmolLM2-360M-Instruct", "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"
+    Run.create(RunSettings(model_a=long_a, model_b=long_b), name="20250101-130000-long")
     runs = invoke("runs")
     assert runs.exit_code == 0 and "20250101-120000-abcd" in runs.output
+    assert long_a in runs.output and long_b in runs.output  # whole, on one line each
     presets = invoke("presets")
     assert presets.exit_code == 0
     for name in ("gptoss-r1qwen3", "llama3-qwen3", "small", "tiny"):
         assert name in presets.output
+    from xdiff_cli.run.presets import list_presets
+
+    for preset in list_presets():  # model ids whole on one line, not folded mid-id
+        assert preset.model_a in presets.output and preset.model_b in presets.output
 
 
 # --- 3. live counts and a why column ------------------------------------------------------------
@@ -161,6 +171,21 @@ def test_unknown_models_still_need_the_hub_for_a_plan():
     assert result.exit_code == 1
 
 
+def test_shipped_facts_of_a_mixture_of_experts_count_every_expert_and_run_the_routed_ones():
+    """gpt-oss-20b (MXFP4 experts): 20.9B parameters in all, 3.6B active per token (its model
+    card); the harvest's forward runs the 4 routed experts of 32 in every layer."""
+    from xdiff_cli.models.pull import config_facts
+    from xdiff_cli.run.presets import shipped_config_dir
+
+    spec = "openai/gpt-oss-20b"
+    facts = config_facts(spec, shipped_config_dir(spec))
+    assert facts.d_model == 2880 and facts.n_layers == 24
+    assert 20.5e9 < facts.n_params < 21.5e9
+    unembedding = 201088 * 2880
+    assert 3.5e9 < facts.linear_params + unembedding < 3.7e9  # active per token
+    assert facts.harvest_flops_per_token(23) == pytest.approx(2 * facts.linear_params)
+
+
 # --- 7. progress bars keep the numbers at 80 columns --------------------------------------------
 
 
@@ -189,6 +214,22 @@ def test_doctor_yields_the_cheap_checks_before_the_hub_and_4bit_checks(monkeypat
     names = [c.name for c in doctor.iter_checks()]
     assert names.index("python") < names.index("hub") < names.index("4-bit quantisation")
     assert names.index("data dir") < names.index("hub")
+
+
+def test_doctor_4bit_check_keeps_bitsandbytes_import_warnings_out_of_its_list(monkeypatch, caplog):
+    import logging
+
+    from xdiff_cli import doctor
+
+    def noisy():  # what importing bitsandbytes does on a CPU without the optional kernels
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        return doctor.Check("4-bit quantisation", True, "nf4 works on cpu", False)
+
+    monkeypatch.setattr(doctor, "_quantize_small_layer", noisy)
+    with caplog.at_level(logging.WARNING):
+        check = doctor.quantization_check()
+    assert check.ok and not caplog.records
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET  # restored
 
 
 def test_hub_check_reaches_a_live_endpoint(fake_hub):

@@ -58,7 +58,7 @@ def test_markdown_report_to_a_chosen_path(tmp_path):
     text = out.read_text()
     assert text.startswith("# xdiff report: org/model-a vs org/model-b\n")
     assert "## Relative decoder norms" in text and "```" in text
-    b_section = text.split("specific to model B")[1].split("The firing token")[0]
+    b_section = text.split("specific to model B")[1].split("In each example")[0]
     assert "#### feature 1 · B-exclusive" in b_section
     fired = re.findall(r"\*\*«([^»]*)»\*\*", b_section)
     assert fired and set(fired) <= {"cat", "dog", "horse", "tiger", "rabbit", "eagle"}

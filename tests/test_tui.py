@@ -307,7 +307,7 @@ async def test_steered_chat_streams_both_answers_side_by_side(tiny_models, tmp_p
         baseline = screen.query_one("#pane-a-baseline", StreamPane)
         steered = screen.query_one("#pane-a-steered", StreamPane)
         assert baseline.text == result.baseline and steered.text == result.steered
-        assert steered.border_title == "model A steered (feature 2 × -4)"
+        assert steered.border_title == "model A steered (α = -4)"
         assert not screen.query_one("#steer-panes-b").display  # A-exclusive: one model only
         assert {s for s, _ in streamed} == {"baseline", "steered"}
         assert "".join(p for s, p in streamed if s == "baseline") == result.baseline
@@ -355,7 +355,7 @@ async def test_plus_minus_keys_change_the_scale_and_the_steered_title():
         await pilot.press("minus", "minus", "minus")
         await pilot.pause()
         assert screen.scale_input.value == "+2"
-        assert screen.query_one("#pane-a-steered", StreamPane).border_title == "model A steered (feature 3 × +2)"
+        assert screen.query_one("#pane-a-steered", StreamPane).border_title == "model A steered (α = +2)"
         await pilot.press("ctrl+r")  # no prompt yet: says so instead of generating
         assert not screen.generating
         assert "Type a prompt first" in static_text(screen, "#steer-status")
@@ -437,6 +437,17 @@ def test_histogram_uses_log_density_so_rare_bins_stay_visible():
     assert bottom[0] == "█" and bottom[2 * per_bin] != " "  # a single firing still shows
     assert bottom[per_bin] == " "  # an empty bin stays empty
     assert "1,000" in lines[1] and "0.50" in lines[-1] and "4.00" in lines[-1]
+
+
+def test_a_fine_histogram_is_merged_to_fit_the_pane():
+    from xdiff_cli.tui.widgets.feature_detail import histogram_text
+
+    edges = [2 ** (i / 8) for i in range(193)]
+    counts = [i % 7 for i in range(192)]
+    feature = make_feature_stub(histogram={"edges": edges, "counts": counts})
+    lines = histogram_text(feature, width=48).plain.splitlines()
+    assert all(len(line) == 48 for line in lines[2:-1])  # 192 bins, 4 to a column
+    assert lines[-1].startswith("1.00") and "activation" in lines[-1]
 
 
 def make_feature_stub(**changes):  # noqa: ANN003, ANN201
@@ -530,7 +541,7 @@ async def test_alpha_change_after_an_answer_keeps_the_title_of_the_text_shown():
         screen.shown_scale = 4.0  # an answer made with α +4 is on screen
         await pilot.press("up")
         await pilot.pause()
-        assert pane.border_title == "model A steered (feature 3 × +4)"
+        assert pane.border_title == "model A steered (α = +4)"
         assert "α is now +5" in static_text(screen, "#steer-status") and "used +4" in static_text(screen, "#steer-status")
 
 

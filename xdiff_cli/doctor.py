@@ -65,6 +65,21 @@ def _cuda_checks() -> list[Check]:
 
 def quantization_check() -> Check:
     """Actually quantise a small linear layer to 4-bit and run it: 'installed' is not 'works'."""
+    import logging
+
+    # bitsandbytes logs optional-kernel warnings while importing (e.g. "Failed to load CPU
+    # gemm_4bit_forward … pip install kernels"): noise inside doctor's list; the check's
+    # own line says whether 4-bit works.
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        return _quantize_small_layer()
+    finally:
+        bnb_logger.setLevel(level)
+
+
+def _quantize_small_layer() -> Check:
     try:
         import bitsandbytes as bnb
         import torch

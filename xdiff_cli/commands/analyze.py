@@ -163,22 +163,32 @@ def live_counts_line(counts: dict[str, dict[str, int]]) -> str:
     return "live features: " + " · ".join(parts)
 
 
-def snippet(example, width: int = SNIPPET_WIDTH):  # noqa: ANN001, ANN201 - Example -> rich Text
-    """One line of an example's text around the firing token, the token highlighted."""
+def snippet(example, width: int = SNIPPET_WIDTH, max_act: float | None = None, mark: bool = False):  # noqa: ANN001, ANN201
+    """One line of an example's text around the firing token, every token in it shaded by the
+    feature's activation (relative to `max_act`, default the example's own) as in the TUI.
+    `mark`: output without colour (a pipe): the firing token is put in «» instead."""
     from rich.text import Text
 
     from xdiff_cli.safe_text import inert
+    from xdiff_cli.tui.widgets.example_text import shade_example
 
     text = inert(example.text.replace("\n", " ").replace("\t", " "))
     start, end = example.start, example.end
+    if mark:
+        text = f"{text[:start]}«{text[start:end]}»{text[end:]}"
+        end += 2
     token_len = end - start
     before = max(0, min(width // 2, width - token_len - 4))
     lo = max(0, start - before)
     hi = min(len(text), end + max(0, width - (end - lo)))
     lo = max(0, min(lo, hi - width))  # the text ends early: use the room on the left
-    line = Text(("…" if lo > 0 else "") + text[lo:hi] + ("…" if hi < len(text) else ""))
-    offset = 1 if lo > 0 else 0
-    line.stylize("bold black on yellow", start - lo + offset, end - lo + offset)
+    if mark:
+        return Text(("…" if lo > 0 else "") + text[lo:hi] + ("…" if hi < len(text) else ""))
+    scale = example.activation if max_act is None else max_act
+    line = Text("…" if lo > 0 else "")
+    line.append_text(shade_example(example, scale, text=text[lo:hi], offset=lo))
+    if hi < len(text):
+        line.append("…")
     return line
 
 
@@ -195,11 +205,14 @@ def verdict_text(feature):  # noqa: ANN001, ANN201 - Feature -> rich Text
 
 
 def terminal_width() -> int:
-    """COLUMNS read now (the shared console froze it when first imported), else the console's."""
+    """COLUMNS read now, else the console's width. The shared console froze COLUMNS when it
+    was created and clamps every print to it, so it follows the value read here."""
     from xdiff_cli.console import console
 
     columns = os.environ.get("COLUMNS", "")
-    return int(columns) if columns.isdigit() else console.width
+    if columns.isdigit():
+        console.width = int(columns)
+    return console.width
 
 
 LABEL_WIDTH = 24  # the label column, when a run is labelled
@@ -218,7 +231,10 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     from xdiff_cli.findings.feature_columns import LIST_COLUMNS
     from xdiff_cli.safe_text import inert
 
+    from xdiff_cli.console import console
+
     width = width or terminal_width()
+    plain = console.color_system is None  # piped: no shading, so the firing token is marked «»
     # `xdiff label` labels get their own column (with their detection AUC) once a listed row
     # has one; otherwise analysis' notes (e.g. tokenization artifacts) prefix the example.
     labelled = any(f.label_score is not None for f in rows)
@@ -248,7 +264,7 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
             cells.append(Text(f"{shown}{score}", style="yellow" if feature.label else "dim"))
         if example_width >= MIN_EXAMPLE_WIDTH:
             top = index.examples(feature.id, view=feature.own_view, limit=1)
-            example = snippet(top[0], example_width - 2) if top else Text("—", style="dim")
+            example = snippet(top[0], example_width - 2, feature.max_activation, plain) if top else Text("—", style="dim")
             if feature.label and not labelled:
                 example = Text(f"[{inert(feature.label, one_line=True)}] ", style="yellow") + example
             cells.append(example)

@@ -266,15 +266,18 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
         return
     from rich import box
 
-    # ids and numbers never wrap or truncate; the model names fold, and below 100 columns the
-    # creation time (the id starts with it by default) makes room.
+    # ids and numbers never wrap or truncate. Below 100 columns the creation time (the id
+    # starts with it by default) makes room and the models go under the run's id, where a
+    # model id fits whole beside the stage and numbers.
+    narrow = console.width < 100
     columns = ("id", "models", "created", "stage", "FVE A/B", "disk")
-    if console.width < 100:
-        columns = tuple(c for c in columns if c != "created")
+    if narrow:
+        columns = ("id", "stage", "FVE A/B", "disk")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for col in columns:
-        table.add_column(col, justify="right" if col == "disk" else "left", no_wrap=col != "models",
-                         overflow="fold", min_width=12 if col == "models" else None)
+        table.add_column("id / models" if narrow and col == "id" else col, justify="right" if col == "disk" else "left",
+                         no_wrap=col != "models" and not (narrow and col == "id"), overflow="fold",
+                         min_width=12 if col == "models" else None)
     for info in infos:
         m = info["metrics"]
         fve_a, fve_b = m.get("eval_fve_a", m.get("fve_a")), m.get("eval_fve_b", m.get("fve_b"))
@@ -285,6 +288,9 @@ def runs(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
             else escape(inert(info["error"], one_line=True))
         cells = {"id": info["id"], "models": models, "created": (info["created"] or "")[:19].replace("T", " "),
                  "stage": info["stage"], "FVE A/B": fve, "disk": format_bytes(info["disk_bytes"])}
+        if narrow:
+            cells["id"] = f"{info['id']}\n A " + models.replace("\nvs ", "\n B ") if "error" not in info \
+                else f"{info['id']}\n {models}"
         table.add_row(*(cells[c] for c in columns))
     console.print(table)
 
@@ -331,11 +337,19 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         ], indent=2))
         return
     table = Table()
-    for col in ("name", "models", "description"):
-        table.add_column(col, no_wrap=col == "name", overflow="fold",
-                         min_width=max((len(p.name) for p in found), default=4) if col == "name" else None)
+    longest_id = max((len(m) + 3 for p in found for m in (p.model_a, p.model_b)), default=10)
+    table.add_column("name", no_wrap=True, min_width=max((len(p.name) for p in found), default=4))
+    # Model ids are never cut: below this width the description goes under the models.
+    stacked = console.width < 3 * longest_id
+    table.add_column("models" + (" / description" if stacked else ""), overflow="fold", min_width=longest_id)
+    if not stacked:
+        table.add_column("description", overflow="fold")
     for p in found:
-        table.add_row(p.name, f"{p.model_a}\nvs {p.model_b}", escape(p.description))
+        models = f"{p.model_a}\nvs {p.model_b}"
+        if stacked:
+            table.add_row(p.name, f"{escape(models)}\n[dim]{escape(p.description)}[/dim]")
+        else:
+            table.add_row(p.name, escape(models), escape(p.description))
     console.print(table)
 
 

@@ -48,7 +48,7 @@ class AnalysisConfig:
     window_tokens_before: int = 12  # aligned tokens of context before the firing token
     window_tokens_after: int = 4
     window_chars_before: int = 200  # ... but never more than this many characters
-    hist_bins_per_octave: int = 2
+    hist_bins_per_octave: int = 8  # bins 9% wide: a feature's range above its threshold is often one octave
     hist_min_exp: int = -12  # histogram covers activations in [2^min_exp, 2^max_exp)
     hist_max_exp: int = 12
     batch_tokens: int | None = None  # default: keeps the dense [N, F] activations near 256 MiB

@@ -87,6 +87,16 @@ class Example:
     def to_json(self) -> dict[str, Any]:
         return {"text": self.text, "start": self.start, "end": self.end, "activation": self.activation}
 
+    def token_spans(self) -> list[tuple[int, int, float]]:
+        """(start, end, activation) of every token of the context window, in text order. The
+        firing token is always among them: an example stored without per-token values
+        still has that one."""
+        n = len(self.text)
+        spans = [(int(s), int(e), float(a)) for s, e, a in self.token_acts if 0 <= s < e <= n]
+        if not any((s, e) == (self.start, self.end) for s, e, _ in spans):
+            spans.append((self.start, self.end, float(self.activation)))
+        return sorted(spans)
+
 
 @dataclass
 class Feature:

@@ -253,15 +253,13 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding
 
 def _highlight_html(example: Example, s_max: float) -> str:
     """Example text with every aligned token shaded by its activation; the firing token outlined."""
-    spans = sorted((int(s), int(e), float(a)) for s, e, a in example.token_acts if 0 <= s < e <= len(example.text))
-    if not any(s == example.start and e == example.end for s, e, _ in spans):
-        spans = sorted(spans + [(example.start, example.end, example.activation)])
     out, cursor = [], 0
-    for start, end, act in spans:
+    for start, end, act in example.token_spans():
         if start < cursor:
             continue
         out.append(html.escape(example.text[cursor:start]))
-        alpha = min(1.0, act / s_max) if s_max > 0 else 0.0
+        # As in the TUI: a token the feature fires on at all gets at least a faint tint.
+        alpha = 0.12 + 0.88 * min(1.0, act / s_max) if act > 0 and s_max > 0 else 0.0
         classes = "tok fire" if (start, end) == (example.start, example.end) else "tok"
         style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0 else ""
         title = f' title="{act:.3g}"' if act > 0 else ""
@@ -410,13 +408,25 @@ def _features_md(features: list[Feature], side: str) -> str:
             label += f" (detection AUC {feature.label_score:.2f})"
         out.append(f"#### {_md_escape(_feature_caption(feature))}{label}\n")
         for e in feature.examples:
-            text = (
-                _md_escape(e.text[: e.start]) + "**«" + _md_escape(e.text[e.start : e.end]) + "»**"
-                + _md_escape(e.text[e.end :])
-            )
-            out.append(f"- {text} ({e.activation:.3g})")
+            out.append(f"- {_marked_md(e)} ({e.activation:.3g})")
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _marked_md(example: Example) -> str:
+    """The example's context with every token the feature fires on in «», the firing token
+    also bold (Markdown has no shading; the HTML report shades)."""
+    out, cursor = [], 0
+    for start, end, act in example.token_spans():
+        firing = (start, end) == (example.start, example.end)
+        if start < cursor or (act <= 0 and not firing):
+            continue
+        token = "«" + _md_escape(example.text[start:end]) + "»"
+        out.append(_md_escape(example.text[cursor:start]))
+        out.append(f"**{token}**" if firing else token)
+        cursor = end
+    out.append(_md_escape(example.text[cursor:]))
+    return "".join(out)
 
 
 def render_markdown(data: ReportData) -> str:
@@ -435,5 +445,6 @@ def render_markdown(data: ReportData) -> str:
         _histogram_md(data.rel_norm_hist),
         f"## Top features specific to model A ({_md_escape(name_a)})\n", _features_md(data.top["a"], "a"),
         f"## Top features specific to model B ({_md_escape(name_b)})\n", _features_md(data.top["b"], "b"),
-        "The firing token of each example is shown as **«token»**.\n",
+        "In each example «token» marks every token the feature fires on; **«token»** is the one the "
+        "example was chosen for (the HTML report shades each token by its activation).\n",
     ])

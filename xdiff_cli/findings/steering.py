@@ -4,7 +4,7 @@ DESIGN §2 "Screen, then verify": add α · s_max · d_i to the residual stream 
 crosscoder's layer, at every position, during generation, and compare with the unsteered
 answer. d_i is the feature's decoder row *for the model being steered*, mapped back from
 the crosscoder's normalised space to that model's raw residual space. Because
-normalised = raw × scale, a normalised vector d is d / scale in raw space.
+normalised = (raw − mean) × scale, a normalised *direction* d is d / scale in raw space (the mean cancels).
 
     steering_vector(crosscoder, feature, side, s_max, α)   [d_side], raw space
     with steer(loaded, layer, vector): ...                  hook on, always removed after

@@ -114,22 +114,40 @@ def config_facts(spec: str, folder: Path) -> ModelFacts:
     text = modelconfig.text_config(config)
     d_model, n_layers = modelconfig.width(config), modelconfig.depth(config)
     weights = modelconfig.weight_bytes(folder)
+    try:
+        from xdiff_cli.models.planner import estimate_parameters
+
+        total, linear = estimate_parameters(config)
+        counted: tuple[float, float] | None = (float(total), float(linear + _active_expert_params(config)))
+    except (XdiffError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        counted = None
     gguf = config.get("xdiff_gguf") or {}  # a GGUF header: exact count, nothing dequantised yet
     if gguf.get("n_params"):
         n_params: float | None = float(gguf["n_params"])
-    elif weights:
+    elif weights and not text.get("quantization_config", config.get("quantization_config")):
         n_params = weights / _bytes_per_param(text.get("torch_dtype") or text.get("dtype"))
+    elif counted:
+        n_params = counted[0]  # no weights yet (shipped facts), or shipped-quantised weights
     elif d_model and n_layers:
         n_params = 12 * n_layers * d_model**2 + 2 * text.get("vocab_size", 32_000) * d_model
     else:
         n_params = None
-    try:
-        from xdiff_cli.models.planner import estimate_parameters
-
-        linear_params: float | None = float(estimate_parameters(config)[1])
-    except (XdiffError, KeyError, TypeError, ValueError, ZeroDivisionError):
-        linear_params = None
+    linear_params = counted[1] if counted else None
     return ModelFacts(spec, Path(folder), d_model, n_layers, n_params, weights, linear_params, bool(gguf))
+
+
+def _active_expert_params(config: dict[str, Any]) -> int:
+    """Expert matmul parameters one token passes through (all layers) in a mixture-of-experts
+    model: its `num_experts_per_tok` routed experts. The planner's quantisable-linear count
+    leaves experts out (they are not nn.Linear), but the harvest's forward runs them."""
+    text = modelconfig.text_config(config)
+    n_experts = modelconfig.first_int(text, "num_local_experts", "num_experts", "n_routed_experts", default=0)
+    if not n_experts:
+        return 0
+    per_token = modelconfig.first_int(text, "num_experts_per_tok", "experts_per_token", default=1)
+    d = modelconfig.width(config) or 0
+    ffn = modelconfig.first_int(text, "moe_intermediate_size", "intermediate_size", default=4 * d)
+    return (modelconfig.depth(config) or 0) * per_token * 3 * d * ffn  # gate, up, down
 
 
 def model_facts(spec: str) -> ModelFacts:

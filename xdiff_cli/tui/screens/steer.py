@@ -95,7 +95,8 @@ class SteerScreen(Screen):
                 f"α = 1 is its natural maximum")
 
     def _steered_title(self, side: str, scale: float) -> str:
-        return f"model {side.upper()} steered (feature {self.feature.id} × {format_scale(scale)})"
+        # Short enough that α stays visible in a 38-column pane at 80×24 (the feature is in the heading).
+        return f"model {side.upper()} steered (α = {format_scale(scale)})"
 
     def pane(self, side: str, stream: str) -> StreamPane:
         return self.query_one(f"#pane-{side}-{stream}", StreamPane)

@@ -1,4 +1,13 @@
-"""Render a top example as Rich Text with each token's background shaded by its activation."""
+"""Render an example as Rich Text with every token of its context shaded by the feature's
+activation on it (Neuronpedia's per-token shading, in a terminal).
+
+Analysis stores, for every kept example, the feature's activation at each aligned token of
+the context window (`Example.token_acts`: [start, end, activation] within the text). A
+token's background runs from no colour (the feature is silent there) through a faint warm
+tint to orange at the feature's s_max; the token the example was chosen for is also bold
+and underlined. An example without per-token values still shows its firing token shaded by
+its own activation. The same ramp serves the TUI detail pane and `xdiff features`.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +21,61 @@ from xdiff_cli.safe_text import inert
 # Shade from a dark neutral (no activation) to a warm orange (the feature's s_max).
 _COLD = (40, 40, 48)
 _HOT = (255, 140, 0)
+# A token where the feature fires at all gets at least this much of the ramp, so weak
+# co-firings stay visible next to an unshaded (silent) token.
+_FLOOR = 0.15
+_DARK_TEXT_FROM = 0.55  # above this level the background is light: black text reads better
+LEGEND_RATIOS = (0.1, 0.4, 0.7, 1.0)  # activation / s_max of the legend's cells
 
 
-def activation_color(act: float, max_act: float) -> Color:
-    """Background colour for a token firing at `act`, scaled by the feature's `max_act`."""
-    level = 0.0 if max_act <= 0 else min(1.0, max(0.0, act / max_act))
+def shade_level(act: float, max_act: float) -> float:
+    """Where on the ramp a token firing at `act` sits: 0 silent, else in [_FLOOR, 1]."""
+    if act <= 0 or max_act <= 0:
+        return 0.0
+    return _FLOOR + (1.0 - _FLOOR) * min(1.0, act / max_act)
+
+
+def _ramp(level: float) -> Color:
     r, g, b = (round(c + (h - c) * level) for c, h in zip(_COLD, _HOT, strict=True))
     return Color.from_rgb(r, g, b)
 
 
-def shade_example(example: Example, max_act: float) -> Text:
-    """The example's text; tokens that fire get a background, the firing token is bold+underlined."""
-    text = Text(inert(example.text.replace("\n", "⏎")))
-    for start, end, act in example.token_acts:
-        if act <= 0 or end <= start:
-            continue
-        level = act / max_act if max_act > 0 else 0.0
-        fg = Color.from_rgb(0, 0, 0) if level > 0.55 else None
-        text.stylize(Style(bgcolor=activation_color(act, max_act), color=fg), start, end)
-    text.stylize(Style(bold=True, underline=True), example.start, example.end)
-    return text
+def activation_color(act: float, max_act: float) -> Color:
+    """Background colour for a token firing at `act`, scaled by the feature's `max_act`."""
+    return _ramp(shade_level(act, max_act))
+
+
+def token_style(act: float, max_act: float) -> Style | None:
+    """The style of a token firing at `act` (None: the feature is silent there)."""
+    level = shade_level(act, max_act)
+    if level <= 0:
+        return None
+    return Style(bgcolor=_ramp(level), color=Color.from_rgb(0, 0, 0) if level > _DARK_TEXT_FROM else None)
+
+
+def shade_example(example: Example, max_act: float, text: str | None = None, offset: int = 0) -> Text:
+    """The example's whole context with each token shaded by its activation; the firing token
+    also bold and underlined. `text`/`offset`: render a cut of the (inert) text whose first
+    character is character `offset` of the example's text."""
+    body = inert(example.text.replace("\n", "⏎")) if text is None else text
+    out = Text(body)
+    firing = Style(bold=True, underline=True)
+    for start, end, act in example.token_spans():
+        is_firing = (start, end) == (example.start, example.end)
+        style = token_style(act, max_act)
+        if is_firing:
+            style = firing if style is None else style + firing
+        lo, hi = max(0, start - offset), min(len(body), end - offset)
+        if style is not None and lo < hi:
+            out.stylize(style, lo, hi)
+    return out
+
+
+def shade_legend() -> Text:
+    """'weak ████████ s_max': the shading ramp, for the examples' heading."""
+    out = Text()
+    out.append("weak ", style="dim")
+    for ratio in LEGEND_RATIOS:
+        out.append("  ", style=Style(bgcolor=activation_color(ratio, 1.0)))
+    out.append(" s_max", style="dim")
+    return out

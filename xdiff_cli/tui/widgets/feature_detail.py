@@ -22,7 +22,7 @@ from textual.widgets import Static
 from xdiff_cli.findings.feature_columns import format_activation, format_frequency, why
 from xdiff_cli.findings.feature_index import Feature
 from xdiff_cli.safe_text import inert
-from xdiff_cli.tui.widgets.example_text import shade_example
+from xdiff_cli.tui.widgets.example_text import shade_example, shade_legend
 
 N_EXAMPLES = 10
 HIST_ROWS = 5
@@ -87,6 +87,7 @@ def histogram_text(feature: Feature, width: int = 48) -> Text:
     if not counts or sum(counts) == 0:
         return title + Text("  (never fires)", style="dim")
     title.append("  height: log₁₀(1 + count)", style="dim")
+    counts, edges = _merged_bins(counts, edges, width)
     per_bin = max(1, min(4, width // max(1, len(counts))))
     heights = [math.log10(1 + c) for c in counts]
     top = max(heights)
@@ -114,6 +115,17 @@ def histogram_text(feature: Feature, width: int = 48) -> Text:
         out.append(left + " " * max(1, axis_width - len(left) - len(right)) + right, style="dim")
         out.append("  activation", style="dim")
     return out
+
+
+def _merged_bins(counts: list, edges: list, width: int) -> tuple[list, list]:
+    """Adjacent bins summed in groups until at most `width` remain (one column each)."""
+    group = -(-len(counts) // max(1, width))
+    if group <= 1:
+        return counts, edges
+    merged = [sum(counts[i : i + group]) for i in range(0, len(counts), group)]
+    if len(edges) != len(counts) + 1:
+        return merged, edges
+    return merged, [edges[i] for i in range(0, len(counts), group)] + [edges[-1]]
 
 
 def effects_text(effects: dict[str, Any] | None, feature: Feature) -> Text:
@@ -217,9 +229,13 @@ class FeatureDetail(VerticalScroll):
             self.query_one("#detail-effects", Static).update(effects_text(effects, self.feature))
 
     def _examples_title(self, feature: Feature) -> Text:
-        title = Text(f"top examples · model {self.view.upper()} tokens", style="bold")
+        title = Text()
+        title.append(f"top examples · model {self.view.upper()} tokens", style="bold")
         if feature.partition == "shared":
             title.append("  (v: switch A/B)", style="dim")
+        if feature.alive:
+            title.append("  ")
+            title.append_text(shade_legend())
         return title
 
     def _examples(self, feature: Feature) -> Text:
