@@ -219,7 +219,9 @@ def test_train_run_trains_from_the_store_records_metrics_and_then_returns_at_onc
     from xdiff_cli.run.runs import Run
 
     run = _harvested_run(dict_size=48, k=4, steps=20, batch_size=100, lr=3e-3, device="cpu")
+    run.set_metrics(eval_dead_a=0.59, eval_fve_a=0.7)  # an older crosscoder's analysis
     result = train_run(run, progress=False)
+    assert not any(key.startswith("eval_") for key in Run.load(run.dir).metrics)  # stale: dropped
     final = run.crosscoder_dir / "final"
     model = Crosscoder.load(final)
     assert (model.cfg.d_a, model.cfg.d_b, model.cfg.dict_size, model.cfg.k) == (10, 14, 48, 4)

@@ -1007,6 +1007,7 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
     result = train(source, cc, tc, out_dir, progress=progress)
     if not main:  # rank 0 records the metrics
         return result
+    run.drop_metrics("eval_")  # held-out numbers of an older crosscoder's analysis no longer apply
     run.set_metrics(
         fve_a=result.fve_a, fve_b=result.fve_b, l0=result.l0, dead_fraction=result.dead_fraction,
         **result.dead_blocks,

@@ -323,6 +323,11 @@ class Run:
         self.record.metrics.update(metrics)
         self.save()
 
+    def drop_metrics(self, prefix: str) -> None:
+        """Forget the metrics whose names start with `prefix` (they describe a replaced artifact)."""
+        self.record.metrics = {k: v for k, v in self.record.metrics.items() if not k.startswith(prefix)}
+        self.save()
+
     def update_settings(self, settings: RunSettings) -> None:
         self.record.settings = settings
         self.save()
