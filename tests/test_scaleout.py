@@ -291,3 +291,43 @@ def test_merged_store_keeps_the_parts_checksums(world, tmp_path):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert "checksum differs" in store_problem(store)
+
+
+def test_a_rank_trains_through_the_optimised_sparse_step_with_the_global_cut(monkeypatch, one_torch_thread):
+    """A one-rank gloo world: the rank goes through `sparse_forward` with the distributed
+    top-k hook, and trains the single-process model."""
+    import socket
+
+    import torch.distributed as dist
+
+    from xdiff_cli.dfc import distributed, sparse_step
+    from xdiff_cli.dfc.crosscoder import CrosscoderConfig
+    from xdiff_cli.dfc.training import InMemorySource, TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.relu(torch.randn(2000, 24, generator=g)) * (torch.rand(2000, 24, generator=g) < 0.25)
+    source = InMemorySource(z @ torch.randn(24, 10, generator=g), z @ torch.randn(24, 14, generator=g), shard_size=256)
+    cc = CrosscoderConfig(d_a=10, d_b=14, dict_size=48, k=4, exclusive_frac=0.1)
+    tc = TrainConfig(steps=20, batch_size=100, lr=3e-3, device="cpu", warmup_steps=3, k_anneal_steps=6,
+                     dead_window_tokens=300, buffer_tokens=700)
+    alone = Trainer(source, cc, tc, torch.device("cpu"))
+    for _ in range(tc.steps):
+        alone.train_step()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = sparse_step.sparse_forward
+        monkeypatch.setattr(sparse_step, "sparse_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+        rank = Trainer(source, cc, tc, torch.device("cpu"))
+        distributed.attach(rank, distributed.Dist(0, 1, 0, "gloo"))
+        for _ in range(tc.steps):
+            rank.train_step()
+    finally:
+        dist.destroy_process_group()
+    assert len(calls) == tc.steps and rank.dist.comm_seconds > 0
+    assert bool(alone.dead_mask().any())  # AuxK was active
+    for name, value in alone.model.state_dict().items():
+        assert torch.allclose(value, rank.model.state_dict()[name], rtol=1e-5, atol=1e-7), name

@@ -119,6 +119,13 @@ def carry_recorded_sum(source: Path, target: Path) -> None:
         _store_sum(target, int(entry["size"]), str(entry["crc32"]))
 
 
+def recorded_sum(path: Path) -> dict[str, Any] | None:
+    """`{"size", "crc32"}` recorded for `path` when it was written, or None."""
+    path = Path(path)
+    entry = _read_sums(path.parent).get(path.name)
+    return entry if isinstance(entry, dict) and "crc32" in entry else None
+
+
 def recorded_mismatch(path: Path) -> str | None:
     """Why `path` is not the file recorded at write time, or None when it matches.
 

@@ -66,8 +66,15 @@ def _mismatch(path: Path) -> str | None:
 
 def store_problem(directory: Path) -> str | None:
     """Why the activation store at `directory` cannot be trusted, or None."""
-    from xdiff_cli.data.store import DOCUMENTS, MANIFEST, SHARDS_DIR, ActivationStore
+    from xdiff_cli.data.remote import is_url
+    from xdiff_cli.data.store import DOCUMENTS, MANIFEST, SHARDS_DIR, ActivationStore, open_store
 
+    if is_url(str(directory)):  # a store elsewhere: its shards are checked when fetched (data/remote.py)
+        try:
+            open_store(str(directory))
+        except XdiffError as exc:
+            return exc.message
+        return None
     directory = Path(directory)
     try:
         manifest = ActivationStore.open(directory).manifest  # structure, completeness
@@ -150,7 +157,7 @@ def analysis_problem(path: Path) -> str | None:
 def stage_problem(run: Any, stage: str) -> str | None:
     """Why a stage recorded as done cannot be trusted (its artifacts are damaged), or None."""
     if stage == "harvest":
-        return store_problem(run.store_dir)
+        return store_problem(run.store_location)
     if stage == "train":
         return crosscoder_problem(Path(run.crosscoder_dir) / "final")
     if stage == "analyze":

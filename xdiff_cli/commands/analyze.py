@@ -228,10 +228,9 @@ def features_table(index, rows, title: str = "", width: int | None = None):  # n
     from rich.table import Table
     from rich.text import Text
 
+    from xdiff_cli.console import console
     from xdiff_cli.findings.feature_columns import LIST_COLUMNS
     from xdiff_cli.safe_text import inert
-
-    from xdiff_cli.console import console
 
     width = width or terminal_width()
     plain = console.color_system is None  # piped: no shading, so the firing token is marked «»

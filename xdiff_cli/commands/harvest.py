@@ -11,7 +11,7 @@ import typer
 from xdiff_cli.run.settings import TRUST_REMOTE_CODE_HELP, cli_options
 
 HARVEST_SETTINGS = (
-    "corpus", "tokens", "layer_a", "layer_b", "context_length", "harvest_batch_size", "eval_fraction",
+    "corpus", "tokens", "store", "layer_a", "layer_b", "context_length", "harvest_batch_size", "eval_fraction",
     "quant", "device", "seed", "allow_pickle_weights",
 )
 
@@ -47,6 +47,9 @@ def harvest(
     part = Part.parse(shard) if shard is not None else None  # bad values fail before anything loads
     if merge and part is not None:
         raise XdiffError("--merge joins the parts; --shard harvests one of them", "use one or the other")
+    if options.get("store") and (part is not None or merge or distributed.launched()):
+        raise XdiffError("--store uses a store harvested elsewhere: there is nothing to split or merge",
+                         "drop --shard/--merge (and run it as one process)")
     dist = distributed.init_from_env(cuda=False) if distributed.launched() and not merge else None
     if dist is not None and part is not None:
         raise XdiffError("under torchrun the parts come from RANK/WORLD_SIZE", "drop --shard")
@@ -70,11 +73,9 @@ def harvest(
     # One process, `--merge`, or rank 0 of a torchrun world (the stage runs for the world).
     stages.run_stages(run, ctx, first="harvest" if merge else None, through="harvest", rerun=("harvest",))
 
-    from xdiff_cli.data.store import ActivationStore
-
-    store = ActivationStore.open(run.store_dir)
+    store = run.open_store()
     manifest = store.manifest
-    console.print(f"activation store: {store.dir}")
+    console.print(f"activation store: {store.location}")
     merged = f" merged from {manifest['merged_parts']} parts" if manifest.get("merged_parts") else ""
     console.print(
         f"{store.n_tokens:,} aligned token pairs{merged} (layer {manifest['layer_a']} of A, {manifest['layer_b']} of B), "

@@ -12,8 +12,8 @@ _STAGE_CHOICES = "pull, harvest, train, analyze or verify"
 
 
 RUN_SETTINGS = (
-    "corpus", "tokens", "layer_a", "layer_b", "context_length", "dict_size", "k", "exclusive_frac", "arch",
-    "steps", "batch_size", "lr", "quant", "device", "seed", "allow_pickle_weights",
+    "corpus", "tokens", "store", "layer_a", "layer_b", "context_length", "dict_size", "k", "exclusive_frac", "arch",
+    "steps", "batch_size", "lr", "precision", "quant", "device", "seed", "allow_pickle_weights",
 )
 
 
@@ -150,6 +150,7 @@ def print_verify_summary(run) -> None:  # noqa: ANN001 - runs.Run
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
+    from rich.markup import escape
     from rich.table import Table
 
     from xdiff_cli.console import console
@@ -171,15 +172,19 @@ def print_plan(plan) -> None:  # noqa: ANN001 - pipeline.Plan
         table.add_row(f"layer {side}", "middle (after pull)" if chosen is None else str(chosen))
     table.add_row("hardware", plan.hardware.describe() + (f", --device {s.device}" if s.device != "auto" else ""))
     table.add_row("precision", plan.precision)
-    table.add_row("corpus", s.corpus)
-    table.add_row("tokens", f"{s.tokens:,} aligned pairs (context {s.context_length})")
+    if s.store:  # harvested elsewhere: its manifest says what it holds
+        table.add_row("store", f"{escape(s.store)} (harvested elsewhere, streamed through the cache)")
+    else:
+        table.add_row("corpus", s.corpus)
+        table.add_row("tokens", f"{s.tokens:,} aligned pairs (context {s.context_length})")
     dict_size = plan.dict_size
     n_ex = plan.n_exclusive
     dictionary = f"{dict_size:,} features" if dict_size else "32 x mean width"
     if s.arch == "dfc" and dict_size:
         dictionary += f" ({n_ex:,} A-only, {n_ex:,} B-only, {dict_size - 2 * n_ex:,} shared)"
     table.add_row("dictionary", f"{s.arch}: {dictionary}, k={s.k}")
-    table.add_row("training", f"{s.steps:,} steps x batch {s.batch_size}, lr {s.lr:g}, seed {s.seed}")
+    precision = f", {s.precision}" if s.precision != "auto" else ""
+    table.add_row("training", f"{s.steps:,} steps x batch {s.batch_size}, lr {s.lr:g}, seed {s.seed}{precision}")
     table.add_row("disk", f"{format_bytes(plan.disk_bytes)} of activations")
     times = plan.time_seconds()
     known = {k: v for k, v in times.items() if v is not None}

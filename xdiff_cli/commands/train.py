@@ -8,7 +8,7 @@ from xdiff_cli.commands.common import RUN_HELP
 from xdiff_cli.run.settings import cli_options
 
 # Settings whose change makes an existing crosscoder (and everything after it) stale.
-TRAIN_SETTINGS = ("steps", "batch_size", "lr", "dict_size", "k", "exclusive_frac", "arch", "device", "seed")
+TRAIN_SETTINGS = ("steps", "batch_size", "lr", "precision", "dict_size", "k", "exclusive_frac", "arch", "device", "seed")
 
 
 @cli_options(*TRAIN_SETTINGS)

@@ -581,6 +581,9 @@ def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
     if ctx.merge:
         merge_run_parts(run)
         return
+    if run.settings.store:
+        attach_store(run)
+        return
     if ctx.dist is not None:
         _harvest_rank(run, ctx)
         return
@@ -594,6 +597,32 @@ def harvest_stage(run: Any, ctx: Any) -> None:  # Run, stages.StageContext
     finally:
         loaded.clear()
         free_accelerator_memory()
+
+
+def attach_store(run: Any) -> ActivationStore:
+    """The harvest stage of a run whose store was harvested elsewhere (`--store URL|DIR`):
+    check that it is complete and was harvested from this run's models (revisions, widths,
+    layers); nothing is copied (training and analysis stream it, `data/remote.py`)."""
+    from xdiff_cli.data.store import mismatched_fields, open_store
+
+    settings, models = run.settings, run.models
+    store = open_store(settings.store)
+    expected: dict[str, Any] = {}
+    for side in ("a", "b"):
+        model = models.get(side)
+        if model is not None and model.revision:
+            expected[f"revision_{side}"] = model.revision
+        if model is not None and model.d_model:
+            expected[f"d_{side}"] = model.d_model
+        if getattr(settings, f"layer_{side}") is not None:
+            expected[f"layer_{side}"] = getattr(settings, f"layer_{side}")
+    wrong = mismatched_fields(store.manifest, expected)
+    if wrong:
+        details = ", ".join(f"{k}: store {store.manifest.get(k)!r} vs run {expected[k]!r}" for k in wrong)
+        raise XdiffError(f"the activation store at {store.location} was harvested from other models or layers ({details})",
+                         "give the store of these models, or create the run with the models the store was harvested from")
+    run.set_metrics(aligned_fraction=store.manifest["aligned_fraction"], harvested_tokens=store.n_tokens)
+    return store
 
 
 def harvest_part(run: Any, ctx: Any, part: Any, device: str | None = None, loaded_first: Any = None) -> Path:

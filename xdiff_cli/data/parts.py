@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xdiff_cli.atomic import atomic_path, carry_recorded_sum, read_json, write_json
+from xdiff_cli.atomic import atomic_path, carry_recorded_sum, read_json, recorded_sum, write_json
 from xdiff_cli.data.store import DOCUMENTS, IDENTITY_FIELDS, MANIFEST, SHARDS_DIR, ActivationStore, shard_name
 from xdiff_cli.errors import XdiffError
 
@@ -244,6 +244,7 @@ def merge_parts(store_dir: Path | str, *, eval_fraction: float) -> ActivationSto
         "eval_start_shard": len(entries) - n_eval,
         "complete": True,
         "documents_bytes": (store_dir / DOCUMENTS).stat().st_size,
+        "documents_crc32": (recorded_sum(store_dir / DOCUMENTS) or {}).get("crc32"),
         "next_doc_index": max(m["next_doc_index"] for _, m in parts),
         "stats": stats,
         "shard_tokens": first.get("shard_tokens"),

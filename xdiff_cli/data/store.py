@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +163,15 @@ class StoreSplit:
             raise IndexError(f"{self.name} split has {self.num_shards} shards, asked for {i}")
         return self.store.load_shard(self.shard_indices[i])
 
+    def prefetch(self, i: int) -> None:
+        """Say that shard i (within the split) comes next (a remote store starts fetching it)."""
+        if 0 <= i < self.num_shards:
+            self.store.prefetch(self.shard_indices[i])
+
     def __iter__(self):
-        return (self.load_shard(i) for i in range(self.num_shards))
+        for i in range(self.num_shards):
+            self.prefetch(i + 1)
+            yield self.load_shard(i)
 
 
 class ActivationStore:
@@ -174,25 +182,18 @@ class ActivationStore:
         self.manifest = manifest
         self._doc_offsets: dict[int, int] | None = None
 
+    @property
+    def location(self) -> str:
+        """Where the store lives, as the user named it (a directory here; a URL for a remote store)."""
+        return str(self.dir)
+
     @classmethod
     def open(cls, directory: Path | str, *, require_complete: bool = True) -> ActivationStore:
         directory = Path(directory)
         if not (directory / MANIFEST).is_file():
             raise XdiffError(f"no activation store at {directory}", "run `xdiff harvest` (or `xdiff run`) first")
         manifest = read_json(directory / MANIFEST, "activation store manifest")
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-            raise XdiffError(f"activation store at {directory} has an unknown format", "delete it and harvest again")
-        problem = manifest_problem(manifest)
-        if problem:
-            raise XdiffError(
-                f"the activation store manifest at {directory} is corrupt ({problem})",
-                "delete that activations/ directory (or rerun `xdiff run`, which redoes a corrupt harvest)",
-            )
-        if require_complete and not manifest.get("complete"):
-            raise XdiffError(
-                f"the activation store at {directory} is incomplete (interrupted harvest)",
-                "rerun the same harvest/run command to resume it",
-            )
+        check_manifest(manifest, str(directory), require_complete=require_complete)
         return cls(directory, manifest)
 
     # --- contents -----------------------------------------------------------------------
@@ -209,6 +210,9 @@ class ActivationStore:
 
     def load_shard(self, index: int) -> Shard:
         return load_shard_file(self.shard_path(index))
+
+    def prefetch(self, index: int) -> None:
+        """A hint that shard `index` is read next (nothing to do for a local store)."""
 
     def split(self, name: str) -> StoreSplit:
         eval_start = int(self.manifest["eval_start_shard"])
@@ -249,6 +253,36 @@ class ActivationStore:
         )
 
 
+def open_store(location: Path | str, *, require_complete: bool = True) -> ActivationStore:
+    """The store at `location`: a directory (local or a shared filesystem, read in place), or
+    a URL (`s3://`, `hf://`, `gs://`, `http(s)://`, `file://`, …) whose shards stream through
+    the bounded local cache of `data/remote.py`."""
+    from xdiff_cli.data.remote import is_url
+
+    if is_url(str(location)):
+        from xdiff_cli.data.remote import RemoteActivationStore
+
+        return RemoteActivationStore.open_url(str(location), require_complete=require_complete)
+    return ActivationStore.open(location, require_complete=require_complete)
+
+
+def check_manifest(manifest: Any, where: str, *, require_complete: bool = True) -> None:
+    """Refuse a manifest of an unknown format, a corrupt one, or (by default) an incomplete one."""
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise XdiffError(f"activation store at {where} has an unknown format", "delete it and harvest again")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise XdiffError(
+            f"the activation store manifest at {where} is corrupt ({problem})",
+            "delete that activations/ directory (or rerun `xdiff run`, which redoes a corrupt harvest)",
+        )
+    if require_complete and not manifest.get("complete"):
+        raise XdiffError(
+            f"the activation store at {where} is incomplete (interrupted harvest)",
+            "rerun the same harvest/run command to resume it",
+        )
+
+
 def manifest_problem(manifest: dict[str, Any]) -> str | None:
     """What is structurally wrong with a manifest (a field missing or of the wrong type), if anything."""
     shards = manifest.get("shards")
@@ -259,6 +293,8 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
             return "a 'shards' entry lacks its name or token count"
         if Path(entry["name"]).name != entry["name"]:
             return f"shard name {entry['name']!r} is not a plain file name"
+        if "crc32" in entry and not (isinstance(entry["crc32"], str) and re.fullmatch(r"[0-9a-f]{8}", entry["crc32"])):
+            return f"shard {entry['name']} has a malformed checksum"
     for key in ("n_tokens", "documents_bytes", "next_doc_index"):
         if not isinstance(manifest.get(key), int):
             return f"'{key}' is missing or not an integer"
@@ -271,6 +307,14 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 return f"'{key}' is missing or not a positive number"
     return None
+
+
+def _file_sum(path: Path) -> dict[str, Any]:
+    """`{"bytes", "crc32"}` as `atomic.py` recorded them when `path` was written ({} if not recorded)."""
+    from xdiff_cli.atomic import recorded_sum
+
+    entry = recorded_sum(path)
+    return {"bytes": int(entry["size"]), "crc32": str(entry["crc32"])} if entry else {}
 
 
 def _only_a_skeleton(directory: Path) -> bool:
@@ -391,9 +435,13 @@ class StoreWriter:
             raise
         record_checksum(docs)
         first_doc = int(shard.doc_id[0]) if len(shard) else None
-        self.manifest["shards"].append({"name": name, "n_tokens": len(shard), "first_doc_id": first_doc})
+        # Size and CRC-32 in the manifest: a copy read elsewhere (`data/remote.py`) is checked against them.
+        self.manifest["shards"].append(
+            {"name": name, "n_tokens": len(shard), "first_doc_id": first_doc, **_file_sum(self.dir / SHARDS_DIR / name)}
+        )
         self.manifest["n_tokens"] += len(shard)
         self.manifest["documents_bytes"] = docs.stat().st_size
+        self.manifest["documents_crc32"] = _file_sum(docs).get("crc32")
         self.manifest["next_doc_index"] = next_doc_index
         totals = self.manifest["stats"]
         for key, value in stats.items():

@@ -11,7 +11,8 @@ disjoint slice of rows [rank·B/W, (rank+1)·B/W) of each batch, so the data a w
 step is exactly one process's batch. Parameters start identical (same seed) and stay so:
 
 - BatchTopK keeps the k·B highest scores of the *global* batch: each rank all-gathers its
-  local top-k·B scores, finds the global cut, and keeps its own scores above it;
+  local top-k·B scores, finds the global cut, and keeps its own scores above it (in the
+  optimised step of `sparse_step.py` too, through `global_topk_select`);
 - gradients are averaged with one all-reduce (each rank's loss is a mean over its rows, and
   the rows are split evenly, so the average is the global batch's gradient), then clipped
   and stepped identically on every rank;
@@ -185,6 +186,26 @@ def global_batch_topk(model: Any, d: Dist) -> None:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
             return torch.where(torch.isinf(value), torch.zeros_like(value), value).to(min_kept.dtype)
 
+    def global_topk_select(pre_NF: torch.Tensor, norm_F: torch.Tensor, k: float, grouped: bool):  # noqa: ANN202
+        """`sparse_step.select_batch_topk` against the global cut: this rank's entries among
+        the k·N·W best scores ReLU(pre)·norm of the world (flat indices, scores)."""
+        with torch.no_grad():
+            scores = (pre_NF.clamp_min(0) * norm_F).flatten()
+            n_global = max(1, min(int(round(k * pre_NF.shape[0] * d.world)), scores.numel() * d.world))
+            top, flat = scores.topk(min(n_global, scores.numel()), sorted=False)
+            with _Timed(d):  # the communication share counts the collective only
+                gathered = [torch.empty_like(top) for _ in range(d.world)]
+                dist.all_gather(gathered, top)
+            cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
+            keep = (top >= cut) if cut > 0 else (top > 0)
+            if not bool(keep.any()):
+                keep[top.argmax()] = True
+            flat_K, score_K = flat[keep], top[keep]
+            if grouped:
+                flat_K, order = flat_K.sort()
+                score_K = score_K[order]
+        return flat_K, score_K
+
     def batch_topk_sparse(acts_NF: torch.Tensor, k: float):  # noqa: ANN202
         sparse, min_kept = local_sparse(acts_NF, local_k(acts_NF, k))
         return sparse, min_kept_global(min_kept)
@@ -196,6 +217,8 @@ def global_batch_topk(model: Any, d: Dist) -> None:
     # Instance attributes shadow the methods for this model only (Crosscoder.save/load ignore them).
     object.__setattr__(model, "batch_topk_sparse", batch_topk_sparse)
     object.__setattr__(model, "batch_topk", batch_topk)
+    object.__setattr__(model, "global_topk_select", global_topk_select)  # the optimised step (sparse_step.py)
+    object.__setattr__(model, "global_min_kept", min_kept_global)
 
 
 def global_residual_variance(model: Any, d: Dist) -> None:

@@ -72,8 +72,9 @@ class _PickedPreacts(torch.autograd.Function):
         ctx.save_for_backward(values_K, token_K, feature_K, x_NA, x_NB)
         ctx.dict_size, ctx.dense_grad = b_enc_F.shape[0], dense_grad
         # Backward runs outside autocast: keep its matmul in the forward's autocast dtype.
-        cuda_amp = x_NA.device.type == "cuda" and torch.is_autocast_enabled("cuda")
-        ctx.mm_dtype = torch.get_autocast_dtype("cuda") if cuda_amp else torch.float32
+        device = x_NA.device.type
+        amp = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+        ctx.mm_dtype = torch.get_autocast_dtype(device) if amp else torch.float32
         ctx.dtypes = (W_enc_AF.dtype, W_enc_BF.dtype, b_enc_F.dtype)
         return values_K.clone()
 
@@ -110,7 +111,8 @@ def encoder_preacts(
     """x_a W_enc_a + x_b W_enc_b + b_enc, without autograd and before the ReLU."""
     with torch.no_grad():
         pre_NF = torch.addmm(model.b_enc_F, x_NA, model.W_enc_AF)
-        if sync_free:  # out of place: autocast (bf16 on CUDA) does not apply to in-place ops
+        # Out of place under autocast (bf16, `--precision`): it does not apply to in-place ops.
+        if sync_free or torch.is_autocast_enabled(x_NA.device.type):
             return torch.addmm(pre_NF, x_NB, model.W_enc_BF).float()
         return pre_NF.addmm_(x_NB, model.W_enc_BF)
 
@@ -225,7 +227,12 @@ def sparse_forward(
     n_keep = max(1, min(int(round(k * N)), N * F_))
     threshold = None if sync_free else float(model.threshold)
     dense = decodes_densely(F_, k)
-    flat_K, score_K = select_batch_topk(pre_NF, norm_F, n_keep, threshold, grouped=not dense)
+    # Under torchrun (`distributed.global_batch_topk`) the cut is the global batch's.
+    select = getattr(model, "global_topk_select", None)
+    if select is not None:
+        flat_K, score_K = select(pre_NF, norm_F, k, not dense)
+    else:
+        flat_K, score_K = select_batch_topk(pre_NF, norm_F, n_keep, threshold, grouped=not dense)
     token_K, feature_K = flat_K // F_, flat_K % F_
     aux = select_aux(pre_NF, norm_F, dead_F, k_aux, sync_free) if k_aux > 0 else None
     # One autograd node for every picked entry: the kept ones and the AuxK ones.
@@ -248,6 +255,8 @@ def sparse_forward(
     inf = torch.full_like(score_K, float("inf"))
     min_kept = torch.where(positive_K, score_K, inf).min()
     min_kept = torch.where(torch.isinf(min_kept), torch.zeros_like(min_kept), min_kept)
+    if select is not None:
+        min_kept = model.global_min_kept(min_kept)
     fired_F = torch.zeros(F_, device=x_NA.device).index_add_(0, feature_K, (value_K.detach() > 0).float()) > 0
     out = SparseForward(
         xhat_NA,
@@ -263,6 +272,15 @@ def sparse_forward(
         out.aux_feature_NK = aux_feature_NK
         out.aux_value_NK = values[flat_K.numel() :].view(N, -1) * aux_weight_NK
     return out
+
+
+def _residual_variance(model: Crosscoder, resid_ND: torch.Tensor) -> torch.Tensor:
+    """Σ (r − mean)² over the batch; under torchrun the global batch's / world size (see
+    `training._residual_variance`)."""
+    variance = getattr(model, "global_residual_variance", None)
+    if variance is not None:
+        return variance(resid_ND)
+    return (resid_ND - resid_ND.mean(0)).pow(2).sum()
 
 
 def aux_joint_from_picks(
@@ -282,7 +300,7 @@ def aux_joint_from_picks(
                 fwd.aux_feature_NK, W_FD, mode="sum", per_sample_weights=fwd.aux_value_NK.to(W_FD.dtype)
             )
         sq_err = sq_err + (resid_ND - approx_ND.float()).pow(2).sum()
-        total_var = total_var + (resid_ND - resid_ND.mean(0)).pow(2).sum()
+        total_var = total_var + _residual_variance(model, resid_ND)
     aux = sq_err / total_var.clamp_min(1e-12)
     if fwd.any_dead is not None:  # sync-free route: no dead feature means no AuxK term
         aux = torch.where(fwd.any_dead, aux, torch.zeros_like(aux))

@@ -7,7 +7,7 @@ The recipe follows the DFC paper and its public code (docs: DESIGN.md §2):
     k      annealed linearly from k_start (1000, capped at dict_size) to k
     AuxK   dead features (no activation for `dead_window_tokens`), top k_aux by activation ×
            decoder norm, fit both models' residual; one term normalised by its variance
-    Adam   lr with linear warm-up, grad-norm clip 1.0, bf16 autocast on CUDA
+    Adam   lr with linear warm-up, grad-norm clip 1.0, bf16 autocast on CUDA (`precision`)
     init   decoder rows at norm 0.4 (module), decoder bias = geometric median of a batch
     infer  threshold = bias-corrected EMA (β = 0.999) of the smallest kept score per batch
 
@@ -134,7 +134,10 @@ class ShuffledBatches:
         order = self._shard_order(pos.epoch)
         mean_shard = self.source.n_tokens / self.source.num_shards
         parts_a, parts_b, rows, i = [], [], 0, pos.shard_pos
+        prefetch = getattr(self.source, "prefetch", None)  # a remote store reads ahead (data/remote.py)
         while i < len(order):
+            if prefetch is not None and i + 1 < len(order):
+                prefetch(int(order[i + 1]))
             shard = self.source.load_shard(int(order[i]))
             parts_a.append(shard.acts_a)
             parts_b.append(shard.acts_b)
@@ -180,6 +183,9 @@ class ShuffledBatches:
 # ---------------------------------------------------------------------------------------
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100_000
@@ -218,6 +224,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     buffer_tokens: int = 262_144
+    # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16": autocast on any device (on CPU it
+    # runs, mostly slower than fp32); "fp32": no autocast. Parameters and Adam stay fp32.
+    precision: str = "auto"
 
     def validate(self) -> TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -231,7 +240,13 @@ class TrainConfig:
             raise XdiffError(f"unknown AuxK form {self.aux_form!r}", "use joint or per_model")
         if self.normalisation not in ("centred", "store"):
             raise XdiffError(f"unknown normalisation {self.normalisation!r}", "use centred or store")
+        if self.precision not in PRECISIONS:
+            raise XdiffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
+
+    def autocast_bf16(self, device: torch.device) -> bool:
+        """Whether the forward runs under bf16 autocast on `device`."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
 
     # Resolved schedule values -----------------------------------------------------------
     def warmup(self) -> int:
@@ -424,11 +439,9 @@ def training_forward(
     `sync_free` (default: on CUDA) picks the optimised route's fixed-size variant."""
     k_aux = tc.k_aux if tc.k_aux is not None else min(512, (model.cfg.d_a + model.cfg.d_b) // 4)
     fast = None
-    # Under torchrun (`distributed.attach`) the batch top-k and AuxK variance must be global:
-    # the optimised route selects per process, so ranks take the sparse route below, whose
-    # `batch_topk_sparse` and residual variance `distributed` makes global.
-    one_process = getattr(model, "global_residual_variance", None) is None
-    if tc.sparse_decode and tc.aux_form == "joint" and one_process:
+    # Under torchrun (`distributed.attach`) the batch top-k, threshold and AuxK variance are
+    # made global through hooks on the model, which the optimised route uses too.
+    if tc.sparse_decode and tc.aux_form == "joint":
         from xdiff_cli.dfc.sparse_step import sparse_forward
 
         if sync_free is None:
@@ -537,7 +550,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, tc)
         k = k_at(self.step, self.cc, tc)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.autocast_bf16(self.device)):
             out = training_forward(model, x_NA, x_NB, k, self.dead_mask(), tc)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -949,6 +962,7 @@ def configs_from_settings(settings, d_a: int, d_b: int) -> tuple[CrosscoderConfi
         lr=settings.lr,
         seed=settings.seed,
         device=settings.device,
+        precision=settings.precision,
         checkpoint_every=max(1, min(1000, settings.steps // 10)),
         log_every=max(1, min(50, settings.steps // 20)),
     )
@@ -986,11 +1000,9 @@ def train_run(run, progress: bool = True) -> TrainResult:  # noqa: ANN001 - xdif
             dead_fraction=m.get("dead_fraction", float("nan")),
             dead_blocks={key: m[key] for key in ("dead_a", "dead_b", "dead_shared") if key in m},
         )
-    from xdiff_cli.data.store import ActivationStore
-
-    if not Path(run.store_dir).exists():
+    if not run.settings.store and not Path(run.store_dir).exists():
         raise XdiffError(f"run {run.id} has no activation store yet", "run `xdiff harvest` first")
-    source = ActivationStore.open(run.store_dir).split("train")
+    source = run.open_store().split("train")
     cc, tc = configs_from_settings(run.settings, source.d_a, source.d_b)
     result = train(source, cc, tc, out_dir, progress=progress)
     if not main:  # rank 0 records the metrics

@@ -305,7 +305,10 @@ def _stream_statistics(
     recon = {"a": [0.0, 0.0, None], "b": [0.0, 0.0, None]}  # sse, sum of squares, sum of x
     n_tokens, n_active = 0, 0
     batch = _batch_size(cfg, F)
+    read_ahead = getattr(split, "prefetch", None)  # a remote store fetches the next shard meanwhile
     for shard_index in range(split.num_shards):
+        if read_ahead is not None:
+            read_ahead(shard_index + 1)
         shard = split.load_shard(shard_index)
         type_a_N, type_b_N = (t.to(device) for t in shard_word_types(shard, docs, types))
         split_N = (shard.start_a != shard.start_b).to(device=device, dtype=torch.float32)
@@ -701,7 +704,6 @@ def pick_device(requested: str = "auto") -> str:
 def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noqa: ANN001 - runs.Run
     """The analyse stage of a run: `run.analysis_path`, computed once (idempotent)."""
     from xdiff_cli.atomic import clean_temp_files
-    from xdiff_cli.data.store import ActivationStore
     from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.integrity import crosscoder_problem, store_problem
 
@@ -713,8 +715,8 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     damaged = []  # missing ones get their own "train/harvest first" errors below
     if (final / "model.safetensors").exists():
         damaged.append(("trained crosscoder", crosscoder_problem(final)))
-    if (run.store_dir / "manifest.json").exists():
-        damaged.append(("activation store", store_problem(run.store_dir)))
+    if run.settings.store or (run.store_dir / "manifest.json").exists():
+        damaged.append(("activation store", store_problem(run.store_location)))
     for what, problem in damaged:
         if problem:
             raise XdiffError(f"the {what} of run {run.id} is damaged ({problem})",
@@ -722,7 +724,7 @@ def analyze_run(run, progress: bool = True, force: bool = False) -> Path:  # noq
     settings = run.settings
     device = pick_device(settings.device)
     crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=device)
-    store = ActivationStore.open(run.store_dir)
+    store = run.open_store()
     meta = {
         "run_id": run.id,
         "models": {side: model.to_json() for side, model in run.models.items()},

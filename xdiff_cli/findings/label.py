@@ -974,11 +974,10 @@ def run_evidence(run, device: str = "cpu", config: LabelConfig = LabelConfig(), 
     """An `evidence_for` reading the run's crosscoder and eval split (loaded only when called)."""
 
     def evidence_for(todo: list[tuple[int, str]]) -> dict[int, FeatureEvidence]:
-        from xdiff_cli.data.store import ActivationStore
         from xdiff_cli.dfc.crosscoder import Crosscoder
 
         crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=device)
-        store = ActivationStore.open(run.store_dir)
+        store = run.open_store()
         return collect_evidence(crosscoder, store.split("eval"), store, todo, config, device=device, advance=advance,
                                 explain_split=store.split("train"))
 

@@ -95,12 +95,11 @@ def quantile_examples(
 
 def quantile_examples_for_run(run: Any, feature: int, s_max: float, per_band: int = 3) -> list[QuantileBand]:
     """`quantile_examples` over a run's trained crosscoder and held-out activations."""
-    from xdiff_cli.data.store import ActivationStore
     from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.errors import XdiffError
 
-    if not run.store_dir.is_dir():
+    if not run.settings.store and not run.store_dir.is_dir():
         raise XdiffError("this run has no activation store", "lower-quantile examples need the harvested activations")
     crosscoder = Crosscoder.load(run.crosscoder_dir / "final")
-    store = ActivationStore.open(run.store_dir)
+    store = run.open_store()
     return quantile_examples(crosscoder, store.split("eval"), store, feature, s_max, per_band=per_band)

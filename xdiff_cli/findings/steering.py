@@ -314,8 +314,11 @@ class Steerer:
 
             path = self.run.store_dir / "manifest.json"
             try:
-                self._manifest = json.loads(path.read_text()) if path.is_file() else {}
-            except (OSError, ValueError):
+                if self.run.settings.store:  # harvested elsewhere (data/remote.py)
+                    self._manifest = self.run.open_store().manifest
+                else:
+                    self._manifest = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, ValueError, XdiffError):
                 self._manifest = {}
         return self._manifest
 

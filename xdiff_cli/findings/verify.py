@@ -704,14 +704,13 @@ def null_control(run: Any, cfg: VerifyConfig, *, progress: bool = True) -> tuple
     the thresholds its probe scores set and its false-positive counts."""
     import dataclasses
 
-    from xdiff_cli.data.store import ActivationStore
     from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.dfc.training import configs_from_settings, train
     from xdiff_cli.findings.analysis import AnalysisConfig, analysis_is_valid, analyze
     from xdiff_cli.findings.feature_index import FeatureIndex
 
     out = null_dir(run)
-    store = ActivationStore.open(run.store_dir)
+    store = run.open_store()
     train_split, eval_split = MirrorSplit(store.split("train")), MirrorSplit(store.split("eval"))
     settings = run.settings
     cc, tc = configs_from_settings(settings, train_split.d_a, train_split.d_a)
@@ -853,7 +852,6 @@ def verify_run(
     """The verify stage of a run: evidence in `run.analysis_path`; idempotent and resumable.
 
     Returns the `verify` meta entry (summary, thresholds, null-run false positives)."""
-    from xdiff_cli.data.store import ActivationStore
     from xdiff_cli.dfc.crosscoder import Crosscoder
     from xdiff_cli.findings.analysis import pick_device
 
@@ -870,7 +868,7 @@ def verify_run(
         if null:
             thresholds, false_positives = null_control(run, cfg, progress=progress)
         crosscoder = Crosscoder.load(run.crosscoder_dir / "final", device=cfg.device)
-        store = ActivationStore.open(run.store_dir)
+        store = run.open_store()
         if force:
             fit_path.unlink(missing_ok=True)
         verify(

@@ -262,6 +262,8 @@ class MemoryPlan:
         hint = "use a bigger GPU or smaller models"
         if any(m.quant != "4bit" and not m.footprint.prequantized for m in self.models):
             hint = "use --quant 4bit, a bigger GPU, or smaller models"
+        if self.device.startswith("cuda"):  # torchrun ranks each hold both models: more GPUs add speed, not memory
+            hint += " (more GPUs do not help here: every torchrun rank holds both models)"
         raise XdiffError(f"the models do not fit this {self.device}: {'; '.join(self.problems())}", hint)
 
     def describe(self) -> str:

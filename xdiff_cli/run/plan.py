@@ -137,7 +137,10 @@ class Plan:
 
     @property
     def disk_bytes(self) -> int | None:
-        """Activation store size: tokens × (d_A + d_B) values in 16-bit."""
+        """Activation store size: tokens × (d_A + d_B) values in 16-bit (none for a store
+        harvested elsewhere, `--store`: its shards stream through a bounded cache)."""
+        if self.settings.store:
+            return 0
         return store_bytes(self.settings.tokens, self.model_a.d_model, self.model_b.d_model)
 
     def time_seconds(self) -> dict[str, float | None]:
@@ -152,7 +155,7 @@ class Plan:
             out["pull"] = sum(conversions) * CONVERT_S_PER_PARAM * slow
         flops_a = self.model_a.harvest_flops_per_token(s.layer_a)
         flops_b = self.model_b.harvest_flops_per_token(s.layer_b)
-        if flops_a and flops_b:
+        if flops_a and flops_b and not s.store:
             # Truncated forwards of both models over every fed token (aligned, plus the ones
             # lost to alignment, padding and the store's outlier filter: HARVEST_TOKEN_WASTE),
             # plus a per-token cost (tokenising, aligning, writing) that dominates for tiny

@@ -225,6 +225,17 @@ class Run:
         return self.dir / "activations"
 
     @property
+    def store_location(self) -> str:
+        """Where the run's activation store is read from: `settings.store` (a URL or directory
+        harvested elsewhere) or the run's own activations/."""
+        return self.settings.store or str(self.store_dir)
+
+    def open_store(self):  # noqa: ANN201 - data.store.ActivationStore (imported lazily)
+        from xdiff_cli.data.store import open_store
+
+        return open_store(self.store_location)
+
+    @property
     def crosscoder_dir(self) -> Path:
         return self.dir / "crosscoder"
 

@@ -21,6 +21,7 @@ from xdiff_cli.errors import XdiffError
 
 QUANT_CHOICES = ("auto", "none", "8bit", "4bit")
 ARCH_CHOICES = ("dfc", "crosscoder")
+PRECISION_CHOICES = ("auto", "bf16", "fp32")  # crosscoder training (dfc/training.py: TrainConfig.precision)
 # Not a setting: it says what this command line allows, so run.json never records it and a
 # run never enables custom model code by itself. Commands that load models take the flag.
 TRUST_REMOTE_CODE_HELP = "Allow models that ship custom Python code (only from publishers you trust)."
@@ -50,6 +51,12 @@ class RunSettings:
         metadata={"help": "Local .txt/.jsonl file, hub dataset (hf:org/name[:split]), builtin:smoke or builtin:prose."},
     )
     tokens: int = field(default=200_000, metadata={"help": "Aligned token pairs to harvest."})
+    store: str | None = field(
+        default=None,
+        metadata={"help": "Use the activation store harvested elsewhere at this URL or directory instead of "
+                          "harvesting (s3://, hf://, gs://, https://, file://; the activations/ folder of a run). "
+                          "Shards stream through a local cache bounded by XDIFF_STORE_CACHE (default 20G)."},
+    )
     layer_a: int | None = field(default=None, metadata={"help": "Decoder layer of model A to read (default: middle)."})
     layer_b: int | None = field(default=None, metadata={"help": "Decoder layer of model B to read (default: middle)."})
     context_length: int = field(default=512, metadata={"help": "Max tokens per document fed to the models."})
@@ -62,6 +69,11 @@ class RunSettings:
     steps: int = field(default=100_000, metadata={"help": "Training steps."})
     batch_size: int = field(default=2048, metadata={"help": "Training batch size (token pairs)."})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate."})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "Crosscoder training precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32. "
+                          "Weights and Adam state stay fp32."},
+    )
     quant: str = field(default="auto", metadata={"help": "Model precision: auto, none, 8bit or 4bit."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, init and sampling."})
@@ -82,6 +94,8 @@ class RunSettings:
             raise XdiffError(f"--exclusive-frac must be in [0, 0.5), got {self.exclusive_frac}")
         if self.arch not in ARCH_CHOICES:
             raise XdiffError(f"--arch must be one of {', '.join(ARCH_CHOICES)}, got {self.arch!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise XdiffError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.quant not in QUANT_CHOICES:
             raise XdiffError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {self.quant!r}")
         if self.k <= 0:
@@ -149,7 +163,7 @@ def _has_type(value: Any, declared: str) -> bool:
     return isinstance(value, kind)
 
 
-_OPTION_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "bool": bool}
+_OPTION_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str, "bool": bool}
 
 
 def cli_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
