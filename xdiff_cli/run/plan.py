@@ -30,7 +30,7 @@ GPU_PROFILE = {"tokens": 2_000_000, "steps": 20_000}
 # save) or to load a model.
 HARVEST_TOKEN_OVERHEAD_S = {False: 1.5e-4, True: 5e-5}
 TRAIN_STEP_OVERHEAD_S = {False: 0.0144, True: 0.005}
-ANALYZE_FIXED_S = 1.0
+ANALYZE_FIXED_S = 3.0
 CONVERT_S_PER_PARAM = 1.5e-7
 LOAD_S_PER_PARAM = 1e-8
 HARVEST_TOKEN_WASTE = 1.3  # tokens fed per aligned token stored (padding, unaligned, outliers)
@@ -42,6 +42,14 @@ HARVEST_TOKEN_WASTE = 1.3  # tokens fed per aligned token stored (padding, unali
 # steps run several times slower than this predicts.
 HARVEST_EFFICIENCY = 1.0
 TRAIN_EFFICIENCY = 0.3
+# FLOPs of one sparse training step per (token × feature × width): the dense encoder forward
+# (2) plus the top-k, the sparse encoder backward and the sparse decoder (~0.5); a dense step
+# would be 6. Fitted on `xdiff run --preset smol-gemma` on a quiet 2-core box (1,000 steps
+# × 512 at d=576+640, F=2,048: 57 s, i.e. 57 ms/step; the dense count estimated 150 s).
+TRAIN_STEP_FLOPS_FACTOR = 2.5
+# Analysis encodes the held-out split twice (statistics, then the example windows) and
+# writes an SQLite index; verify makes two passes of about the same cost (fit, score).
+ANALYZE_FLOPS_FACTOR = 8
 
 
 @dataclass
@@ -149,7 +157,7 @@ class Plan:
         each stage sustains; fixed per-token/per-step costs are the reference CPU's, slowed
         down by the same ratio. Calibrated on `benchmarks/real_pair.py` and the tiny demo."""
         s, flops, slow = self.settings, self.hardware.flops, self.hardware.slowdown
-        out: dict[str, float | None] = {"pull": None, "harvest": None, "train": None, "analyze": None}
+        out: dict[str, float | None] = {"pull": None, "harvest": None, "train": None, "analyze": None, "verify": None}
         conversions = [m.n_params for m in (self.model_a, self.model_b) if m.needs_conversion and m.n_params]
         if conversions:
             out["pull"] = sum(conversions) * CONVERT_S_PER_PARAM * slow
@@ -168,9 +176,11 @@ class Plan:
             width = self.model_a.d_model + self.model_b.d_model
             step_overhead = TRAIN_STEP_OVERHEAD_S[self.hardware.has_gpu] * slow
             train_flops = flops * TRAIN_EFFICIENCY
-            out["train"] = s.steps * (6 * s.batch_size * self.dict_size * width / train_flops + step_overhead)
+            step_flops = TRAIN_STEP_FLOPS_FACTOR * s.batch_size * self.dict_size * width
+            out["train"] = s.steps * (step_flops / train_flops + step_overhead)
             eval_tokens = s.tokens * s.eval_fraction
-            out["analyze"] = 4 * eval_tokens * self.dict_size * width / train_flops + ANALYZE_FIXED_S * slow
+            out["analyze"] = ANALYZE_FLOPS_FACTOR * eval_tokens * self.dict_size * width / train_flops + ANALYZE_FIXED_S * slow
+            out["verify"] = out["analyze"]  # benchmarks/README.md: verify takes 0.8–1.0× of analyse
         return out
 
 
