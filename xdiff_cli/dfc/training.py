@@ -312,6 +312,8 @@ def normalisation_stats(source, sample_tokens: int = NORMALISATION_SAMPLE_TOKENS
 
     scale_m = √((d_a+d_b)/2) / median ‖raw_m − mean_m‖: the DESIGN's median-norm rule applied to
     centred vectors, so both models bring the same variance into the loss."""
+    from xdiff_cli.data.harvest import normalisation_scale
+
     parts_a, parts_b, rows = [], [], 0
     for index in range(source.num_shards):
         shard = source.load_shard(index)
@@ -320,14 +322,10 @@ def normalisation_stats(source, sample_tokens: int = NORMALISATION_SAMPLE_TOKENS
         rows += parts_a[-1].shape[0]
         if rows >= sample_tokens:
             break
-    target = math.sqrt((source.d_a + source.d_b) / 2)
     out = []
     for raw in (torch.cat(parts_a), torch.cat(parts_b)):
         mean = raw.mean(0)
-        median_norm = float((raw - mean).norm(dim=1).median())
-        if not math.isfinite(median_norm) or median_norm <= 0:
-            raise XdiffError("the activation store has constant or non-finite activations", "re-harvest the run")
-        out.append((mean.float(), target / median_norm))
+        out.append((mean.float(), normalisation_scale((raw - mean).norm(dim=1), source.d_a, source.d_b)))
     (mean_a, scale_a), (mean_b, scale_b) = out
     return mean_a, mean_b, scale_a, scale_b
 
