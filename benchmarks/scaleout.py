@@ -8,7 +8,7 @@ loading and after a barrier:
 - harvest: the tiny Llama/Qwen3 pair over the same documents (each rank its part, rank 0
   then merges; the time includes the merge);
 - training: the real trainer on random activations (d_a=d_b=256, 4,096 features, k=32,
-  global batch 1,024), every rank a half-batch slice; the communication share is the time
+  global batch 1,024, 8 shards in 8 data lanes), every rank its lanes' half of the batch; the communication share is the time
   spent in the collectives (gradient all-reduce, global top-k gather, fired-mask reduce)
   over the step time.
 Each rank runs 1 torch thread (torchrun's default); the 1-process baseline is shown with 1
@@ -61,6 +61,9 @@ def _worker(out: Path, workdir: Path, threads: int, steps: int) -> None:
     g = torch.Generator().manual_seed(0)
     d, batch = 256, 1024
     source = InMemorySource(torch.randn(batch * 8, d, generator=g), torch.randn(batch * 8, d, generator=g), shard_size=batch)
+    read: set[int] = set()
+    load_shard = source.load_shard
+    source.load_shard = lambda i: read.add(i) or load_shard(i)  # which shards this rank reads
     cc = CrosscoderConfig(d_a=d, d_b=d, dict_size=4096, k=32)
     tc = TrainConfig(steps=steps + 3, batch_size=batch, device="cpu", warmup_steps=1, k_anneal_steps=1)
     trainer = Trainer(source, cc, tc, torch.device("cpu"))
@@ -81,6 +84,7 @@ def _worker(out: Path, workdir: Path, threads: int, steps: int) -> None:
         result = {
             "world": world, "threads": threads, "harvest_tokens": merged.n_tokens, "harvest_s": harvest_s,
             "steps": steps, "train_s": train_s, "comm_s": dist.comm_seconds if dist else 0.0,
+            "shards_read": len(read), "shards": source.num_shards,
         }
         out.write_text(json.dumps(result))
 
@@ -114,15 +118,16 @@ def main() -> None:
         results.append(json.loads(out.read_text()))
     base = results[0]
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (2-core machine)")
-    print("| world | threads/rank | harvest tokens/s | × | train steps/s | × | comm share of a step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| world | threads/rank | harvest tokens/s | × | train steps/s | × | comm share of a step | shards rank 0 read |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         tps = r["harvest_tokens"] / r["harvest_s"]
         sps = r["steps"] / r["train_s"]
         b_tps = base["harvest_tokens"] / base["harvest_s"]
         b_sps = base["steps"] / base["train_s"]
         comm = f"{r['comm_s'] / r['train_s']:.0%}" if r["world"] > 1 else "–"
-        print(f"| {r['world']} | {r['threads']} | {tps:,.0f} | {tps / b_tps:.2f} | {sps:.2f} | {sps / b_sps:.2f} | {comm} |")
+        read = f"{r['shards_read']} of {r['shards']}"
+        print(f"| {r['world']} | {r['threads']} | {tps:,.0f} | {tps / b_tps:.2f} | {sps:.2f} | {sps / b_sps:.2f} | {comm} | {read} |")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def test_shuffled_batches_cover_each_row_once_per_epoch_and_apply_the_scales() -
     assert seen.shape == expected.shape
     assert torch.equal(seen[seen[:, 0].argsort()], expected[expected[:, 0].argsort()])
     assert not torch.equal(seen, expected)  # ... in shuffled order
-    assert batches.next() is not None and batches.position.epoch == 1
+    assert batches.lanes == 2  # 50 rows split into 2 lanes of 25 (4 and 8 do not divide 50)
+    assert batches.next() is not None and all(p.epoch == 1 for p in batches.positions.values())
 
 
 def test_shuffled_batches_resume_exactly_from_a_saved_position() -> None:
@@ -59,11 +60,83 @@ def test_shuffled_batches_resume_exactly_from_a_saved_position() -> None:
     a = ShuffledBatches(source, batch_size=64, seed=1, device=torch.device("cpu"), buffer_tokens=200)
     for _ in range(11):
         a.next()
-    position = DataPosition(**vars(a.position))
+    positions = {lane: DataPosition(**vars(p)) for lane, p in a.positions.items()}
     expected = [a.next()[1] for _ in range(25)]
     b = ShuffledBatches(source, batch_size=64, seed=1, device=torch.device("cpu"), buffer_tokens=200)
-    b.seek(position)
+    b.seek(positions)
     assert all(torch.equal(x, b.next()[1]) for x in expected)
+
+
+class _CountingSource(InMemorySource):
+    """Records which shards were read."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[int] = set()
+
+    def load_shard(self, i: int):
+        self.read.add(i)
+        return super().load_shard(i)
+
+
+def _counting(n: int = 3000, shard_size: int = 100) -> _CountingSource:
+    base = _source(n=n, shard_size=shard_size)
+    return _CountingSource(base.acts_a, base.acts_b, shard_size=shard_size, scale_a=0.5, scale_b=2.0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_read_disjoint_shards_and_together_cut_the_single_process_batches(world) -> None:
+    """A rank's lanes read only its own shards; its rows are its slice of one process's batch
+    (over three epochs of shuffle buffers, tails and lanes of unequal size)."""
+    cpu = torch.device("cpu")
+    one = ShuffledBatches(_counting(n=2950), batch_size=64, seed=5, device=cpu, buffer_tokens=400)
+    assert one.lanes == 8
+    ranks = []
+    for rank in range(world):
+        per = 8 // world
+        ranks.append(ShuffledBatches(_counting(n=2950), 64, 5, cpu, 400, lanes=8, own=range(rank * per, (rank + 1) * per)))
+    for _ in range(3 * 2950 // 64):
+        whole_a, whole_b = one.next()
+        parts = [r.next() for r in ranks]
+        assert torch.equal(whole_a, torch.cat([a for a, _ in parts])) and torch.equal(whole_b, torch.cat([b for _, b in parts]))
+    reads = [r.source.read for r in ranks]
+    assert set().union(*reads) == set(range(30)) and sum(len(r) for r in reads) == 30  # disjoint, all read
+    assert all(p.epoch >= 2 for p in one.positions.values())
+
+
+def test_positions_of_two_ranks_resume_one_process_and_back() -> None:
+    cpu = torch.device("cpu")
+    one = ShuffledBatches(_source(n=3000, shard_size=100), 64, 2, cpu, 400)
+    expected = [one.next()[0] for _ in range(70)]
+    halves = [ShuffledBatches(_source(n=3000, shard_size=100), 64, 2, cpu, 400).for_lanes(r) for r in (range(0, 4), range(4, 8))]
+    for _ in range(30):
+        for half in halves:
+            half.next()
+    merged = {**halves[0].positions, **halves[1].positions}
+    resumed = ShuffledBatches(_source(n=3000, shard_size=100), 64, 2, cpu, 400)
+    resumed.seek(merged)
+    for x in expected[30:50]:
+        assert torch.equal(x, resumed.next()[0])
+    # ... and from that one process on to two ranks again
+    again = resumed.for_lanes(range(4, 8))
+    assert all(torch.equal(x[32:], again.next()[0]) for x in expected[50:])
+
+
+def test_lane_count_fits_the_shards_the_batch_and_the_world() -> None:
+    from xdiff_cli.dfc.training import lane_count
+
+    assert lane_count(_source(n=3000, shard_size=100), 64) == 8
+    assert lane_count(_source(n=3000, shard_size=600), 64) == 4  # 5 shards: at most 4 lanes of whole shards
+    assert lane_count(_source(n=3000, shard_size=100), 100) == 4  # 8 does not divide 100
+    assert lane_count(_source(n=3000, shard_size=100), 96, world=3) == 24  # lcm(8, 3); 30 shards
+    assert lane_count(_source(n=3000, shard_size=100), 64, wanted=1) == 1
+    assert lane_count(_source(n=3000, shard_size=1000), 64) == 2  # 3 shards
+    assert lane_count(_source(n=300, shard_size=100), 256) == 1  # a lane-batch needs the tokens
+    with pytest.raises(XdiffError, match="does not split evenly over 3 ranks"):
+        lane_count(_source(n=3000, shard_size=100), 64, world=3)
+    with pytest.raises(XdiffError, match="cannot give each of 4 ranks its own shards") as info:
+        lane_count(_source(n=3000, shard_size=1000), 64, world=4)
+    assert "train with fewer ranks, or harvest more tokens" in str(info.value)
 
 
 def test_too_small_store_is_a_user_error() -> None:
@@ -160,6 +233,27 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     straight_log = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in straight_log] == [x["loss"] for x in resumed_log]
+
+
+def test_checkpoint_from_before_lanes_resumes_its_one_lane_stream(tmp_path) -> None:
+    """A state.json with one `data_position` (xdiff before data lanes) continues that stream."""
+    from xdiff_cli.atomic import write_json
+
+    source = _source()
+    train(source, CC, _tc(data_lanes=1), tmp_path / "straight", progress=False)
+    train(source, CC, _tc(data_lanes=1, steps=8), tmp_path / "old", progress=False)
+    state_path = tmp_path / "old" / "checkpoints" / "step-0000008" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state.pop("data_lanes") == 1
+    state["data_position"] = state.pop("data_positions")[0]
+    state["train_config"].pop("data_lanes")
+    write_json(state_path, state)
+    (tmp_path / "old" / "final").rename(tmp_path / "old-final")
+    result = train(source, CC, _tc(), tmp_path / "old", progress=False)  # this config alone would pick 4 lanes
+    assert result.resumed_from == 8
+    straight = Crosscoder.load(tmp_path / "straight" / "final").state_dict()
+    resumed = Crosscoder.load(tmp_path / "old" / "final").state_dict()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
 def test_resume_with_different_settings_is_refused(tmp_path) -> None:

@@ -157,6 +157,10 @@ class StoreSplit:
     def scale_b(self) -> float:
         return self.store.manifest["scale_b"]
 
+    def shard_tokens(self, i: int) -> int:
+        """Tokens in the i-th shard of this split (from the manifest; nothing is read)."""
+        return self.store.manifest["shards"][self.shard_indices[i]]["n_tokens"]
+
     def load_shard(self, i: int) -> Shard:
         """The i-th shard of this split (0-based within the split)."""
         if not 0 <= i < self.num_shards:

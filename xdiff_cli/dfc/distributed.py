@@ -6,24 +6,28 @@ None when the process runs alone. Backend: nccl when the ranks train on CUDA (ra
 cuda:LOCAL_RANK), gloo otherwise and for the harvest, which needs only a barrier and a
 broadcast (its models still run on cuda:LOCAL_RANK).
 
-Training (`attach`): every rank builds the same shuffled *global* batch stream and keeps a
-disjoint slice of rows [rank·B/W, (rank+1)·B/W) of each batch, so the data a world sees per
-step is exactly one process's batch. Parameters start identical (same seed) and stay so:
+Training (`attach`): the data stream is cut into lanes (`training.ShuffledBatches`), each
+owning every L-th shard of the training split; rank r reads only lanes
+[r·L/W, (r+1)·L/W), so ranks read disjoint shards, and its rows are exactly rows
+[r·B/W, (r+1)·B/W) of the batch one process reading all L lanes would cut. The world sees
+one process's batch per step. Parameters start identical (same seed) and stay so:
 
 - BatchTopK keeps the k·B highest scores of the *global* batch: each rank all-gathers its
   local top-k·B scores, finds the global cut, and keeps its own scores above it (in the
   optimised step of `sparse_step.py` too, through `global_topk_select`);
 - gradients are averaged with one all-reduce (each rank's loss is a mean over its rows, and
   the rows are split evenly, so the average is the global batch's gradient), then clipped
-  and stepped identically on every rank;
-- the decoder-bias initialisation uses the whole first global batch, the inference threshold
-  EMA the global smallest kept score, and the dead-feature counters the global "fired" mask
-  (a max-reduce), so the running state is the one a single process would have;
+  and stepped identically on every rank; the FVE's batch statistics ride along in it;
+- the decoder-bias initialisation gathers the whole first global batch (once), the
+  inference threshold EMA uses the global smallest kept score, and the dead-feature counters
+  the global "fired" mask (a max-reduce), so the running state is one process's;
 - the joint AuxK divides by the global batch's residual variance (one all-reduce of its sums).
 
-What is not bit-equal: floating-point sums happen in another order (a few ulps per step).
-Checkpoints are written by rank 0 only (atomically, as in a single process), and every rank
-resumes from the same global data position, so a run can resume with another world size.
+What is not bit-equal: floating-point sums happen in another order (a few ulps per step;
+benchmarks/scaleout_equality.py measures the drift). Checkpoints are written by rank 0 only
+(atomically, as in a single process) and record every lane's position (gathered from the
+ranks), not the world size, so a run resumes under any number of ranks that divides its
+lane count (8 by default: 1, 2, 4 or 8 ranks), or in one process.
 """
 
 from __future__ import annotations
@@ -133,31 +137,38 @@ class _Timed:
         self.d.comm_seconds += time.perf_counter() - self.start
 
 
-class RankBatches:
-    """A rank's slice of each batch of a `training.ShuffledBatches` over the global batch.
+def rank_lanes(lanes: int, d: Dist) -> range:
+    """The data lanes rank `d.rank` reads: a contiguous 1/W of them, so its rows are the
+    rows [rank·B/W, (rank+1)·B/W) of the batch one process would cut."""
+    if lanes % d.world:
+        raise XdiffError(
+            f"this run's training data is read in {lanes} lanes, which {d.world} ranks cannot share evenly",
+            f"train with a number of ranks that divides {lanes}",
+        )
+    per_rank = lanes // d.world
+    return range(d.rank * per_rank, (d.rank + 1) * per_rank)
 
-    `position`/`seek` are the global stream's, so checkpoints hold a world-size-free position.
-    `full_batch` is the last global batch (the decoder-bias init needs all of it)."""
 
-    def __init__(self, global_batches: Any, d: Dist) -> None:
-        batch = global_batches.batch_size
-        if batch % d.world:
-            raise XdiffError(f"--batch-size {batch} does not split evenly over {d.world} ranks", f"use a multiple of {d.world}")
-        self.inner, self.d = global_batches, d
-        self.rows = slice(d.rank * batch // d.world, (d.rank + 1) * batch // d.world)
-        self.full_batch: tuple[Any, Any] | None = None
+def gather_batch(x_NA: Any, x_NB: Any, d: Dist) -> tuple[Any, Any]:
+    """The whole global batch on every rank (the decoder-bias initialisation needs it, once)."""
+    import torch
+    import torch.distributed as dist
 
-    @property
-    def position(self) -> Any:
-        return self.inner.position
+    whole = []
+    for x in (x_NA, x_NB):
+        parts = [torch.empty_like(x) for _ in range(d.world)]
+        dist.all_gather(parts, x.contiguous())
+        whole.append(torch.cat(parts))
+    return whole[0], whole[1]
 
-    def seek(self, position: Any) -> None:
-        self.inner.seek(position)
 
-    def next(self) -> tuple[Any, Any]:
-        x_NA, x_NB = self.inner.next()
-        self.full_batch = (x_NA, x_NB)
-        return x_NA[self.rows].contiguous(), x_NB[self.rows].contiguous()
+def gather_positions(positions: dict[int, Any], d: Dist) -> dict[int, Any]:
+    """Every rank's lane positions, merged (for rank 0's checkpoint)."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, positions)
+    return {lane: pos for part in parts for lane, pos in part.items()}
 
 
 def global_batch_topk(model: Any, d: Dist) -> None:
@@ -245,7 +256,7 @@ def attach(trainer: Any, d: Dist) -> None:
     import torch
     import torch.distributed as dist
 
-    trainer.batches = RankBatches(trainer.batches, d)
+    trainer.batches = trainer.batches.for_lanes(rank_lanes(trainer.batches.lanes, d))
     global_batch_topk(trainer.model, d)
     global_residual_variance(trainer.model, d)
     # Same seed → same init everywhere; broadcast anyway so no rank can drift from rank 0.
@@ -255,29 +266,47 @@ def attach(trainer: Any, d: Dist) -> None:
     trainer.dist = d
 
 
-def after_backward(trainer: Any, out: Any) -> None:
-    """Average the gradients over ranks and OR the per-rank "fired" masks (one collective each)."""
+def after_backward(trainer: Any, out: Any, x_NA: Any, x_NB: Any) -> None:
+    """Average the gradients over ranks and OR the per-rank "fired" masks; sum the batch
+    statistics the FVE needs into the gradients' all-reduce (two collectives in all)."""
     import torch
     import torch.distributed as dist
 
     d: Dist = trainer.dist
     params = [p for p in trainer.model.parameters() if p.grad is not None]
     with _Timed(d):
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        stats = torch.cat([_variance_parts(x_NA), _variance_parts(x_NB)])
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [stats])
         dist.all_reduce(flat)
-        flat /= d.world
         offset = 0
         for p in params:
             n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad) / d.world)
             offset += n
         fired = out.fired_F.to(torch.uint8)
         dist.all_reduce(fired, op=dist.ReduceOp.MAX)
         out.fired_F = fired.bool()
-    # The FVE's denominator is the global batch's variance (summed over ranks by `reduce_window`).
-    x_NA, x_NB = trainer.batches.full_batch
-    out.var_a = (x_NA - x_NA.mean(0)).pow(2).sum() / d.world
-    out.var_b = (x_NB - x_NB.mean(0)).pow(2).sum() / d.world
+    # The FVE's denominator is the global batch's variance; `reduce_window` sums the ranks' shares.
+    n_global = x_NA.shape[0] * d.world
+    sums = flat[offset:]
+    split = x_NA.shape[1] + 2
+    out.var_a = _combined_variance(sums[:split], n_global) / d.world
+    out.var_b = _combined_variance(sums[split:], n_global) / d.world
+
+
+def _variance_parts(x_ND: Any) -> Any:
+    """[Σ‖x − mean‖², n·‖mean‖², Σx] of a rank's rows; summed over ranks they give the
+    global Σ‖x − global mean‖² (`_combined_variance`) without the cancellation of Σ‖x‖²."""
+    import torch
+
+    x = x_ND.detach().float()
+    mean = x.mean(0)
+    return torch.cat([(x - mean).pow(2).sum().reshape(1), (x.shape[0] * mean.pow(2).sum()).reshape(1), x.sum(0)])
+
+
+def _combined_variance(summed: Any, n: int) -> Any:
+    within, between, total = summed[0], summed[1], summed[2:]
+    return within + between - total.pow(2).sum() / n
 
 
 def reduce_window(window: Any, d: Dist) -> Any:

@@ -17,8 +17,10 @@ we keep those fractions and cap at the paper's absolute values.
 
 Data comes from an *activation source* (`ActivationStore.split(...)`, or `InMemorySource`):
 `n_tokens`, `d_a`, `d_b`, `scale_a`, `scale_b`, `num_shards`, `load_shard(i)` → `.acts_a`,
-`.acts_b` raw tensors. `ShuffledBatches` owns shuffling and is a pure function of
-(seed, position), so a resumed run sees exactly the batches an uninterrupted one would.
+`.acts_b` raw tensors (and `shard_tokens(i)`, metadata, when it can). `ShuffledBatches`
+owns shuffling, reads in lanes of disjoint shards (one per rank or more under torchrun), and
+is a pure function of (seed, lane positions), so a resumed run sees exactly the batches an
+uninterrupted one would.
 
 Checkpoints (`out_dir/checkpoints/step-XXXXXXX/`): the model (`Crosscoder.save`), Adam
 moments and trainer tensors (`trainer.safetensors`) and `state.json`; the last two are
@@ -86,6 +88,9 @@ class InMemorySource:
     def num_shards(self) -> int:
         return math.ceil(self.n_tokens / self.shard_size)
 
+    def shard_tokens(self, i: int) -> int:
+        return max(0, min(self.shard_size, self.n_tokens - i * self.shard_size))
+
     def load_shard(self, i: int) -> MemoryShard:
         rows = slice(i * self.shard_size, (i + 1) * self.shard_size)
         return MemoryShard(self.acts_a[rows], self.acts_b[rows])
@@ -93,25 +98,145 @@ class InMemorySource:
 
 @dataclass
 class DataPosition:
-    """Where `ShuffledBatches` is: the buffer starting at shard `shard_pos` of epoch
-    `epoch`'s shard permutation, and how many batches of it were already used."""
+    """Where one lane of `ShuffledBatches` is: the buffer starting at shard `shard_pos` of
+    the lane's order for epoch `epoch`, and how many batches of it were already used."""
 
     epoch: int = 0
     shard_pos: int = 0
     batch_in_buffer: int = 0
 
 
-class ShuffledBatches:
-    """Deterministic shuffled batches of normalised activations.
+# A new run splits its data into this many lanes when the shards and the batch allow it
+# (`lane_count`), so it can later resume under 1, 2, 4 or 8 ranks.
+DATA_LANES = 8
 
-    Each epoch visits the shards in a seeded random order; consecutive shards are
-    concatenated into a buffer of at least `buffer_tokens` rows (and one batch), whose rows
-    are permuted by a generator seeded with (seed, epoch, shard_pos); batches are cut from
-    it and a short tail is dropped. Everything depends only on the seed and the position, so
-    `DataPosition` alone resumes the stream exactly."""
+
+def _shard_tokens(source) -> list[int]:  # noqa: ANN001
+    """Tokens per shard, from the source's metadata (no shard is read)."""
+    sizes = getattr(source, "shard_tokens", None)
+    if sizes is not None:
+        return [sizes(i) for i in range(source.num_shards)]
+    mean = source.n_tokens / source.num_shards
+    return [int(mean)] * source.num_shards
+
+
+def lane_shards(num_shards: int, lane: int, lanes: int) -> list[int]:
+    """The shards a lane owns: every `lanes`-th one (harvest order spreads documents evenly)."""
+    return list(range(lane, num_shards, lanes))
+
+
+def lane_count(source, batch_size: int, world: int = 1, wanted: int | None = None) -> int:  # noqa: ANN001
+    """How many lanes the data stream of a new run has.
+
+    The most lanes among the divisors of lcm(DATA_LANES, world) (or of `wanted`) that are a
+    multiple of `world` (each rank gets whole lanes), divide the batch, and leave every lane
+    at least one lane-batch of tokens. Raises when no count suits `world` ranks."""
+    target = wanted or math.lcm(DATA_LANES, world)
+    tokens = _shard_tokens(source)
+    for lanes in range(target, 0, -1):
+        if target % lanes or lanes % world or batch_size % lanes or lanes > source.num_shards:
+            continue
+        per_lane = [sum(tokens[s] for s in lane_shards(len(tokens), lane, lanes)) for lane in range(lanes)]
+        if min(per_lane) >= batch_size // lanes:
+            return lanes
+    if batch_size % world:
+        raise XdiffError(f"--batch-size {batch_size} does not split evenly over {world} ranks", f"use a multiple of {world}")
+    raise XdiffError(
+        f"the training split's {source.num_shards} shards cannot give each of {world} ranks its own shards"
+        + (f" in {wanted} lanes" if wanted else ""),
+        "train with fewer ranks, or harvest more tokens (a store has about one shard per 10% of its tokens, up to 65,536 tokens each)",
+    )
+
+
+class _Lane:
+    """One lane: its own shards, visited in a seeded order each epoch through a shuffle buffer."""
+
+    def __init__(self, source, lane: int, lanes: int, batch: int, seed: int, device, buffer_tokens: int) -> None:  # noqa: ANN001
+        self.source, self.lane, self.lanes, self.batch = source, lane, lanes, batch
+        self.seed, self.device, self.buffer_tokens = seed, device, max(buffer_tokens, batch)
+        self.shards = set(lane_shards(source.num_shards, lane, lanes))
+        tokens = _shard_tokens(source)
+        self.mean_shard = sum(tokens[s] for s in self.shards) / len(self.shards)
+        self.position = DataPosition()
+        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._next_shard_pos = 0
+
+    def order(self, epoch: int) -> list[int]:
+        """This epoch's shard order: the lane's shards as they come in the epoch's permutation
+        of all shards (with one lane, that permutation itself)."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.source.num_shards)
+        return [int(s) for s in perm if int(s) in self.shards]
+
+    def _buffer_perm(self, n: int) -> np.ndarray:
+        pos = self.position
+        key = [self.seed, pos.epoch, pos.shard_pos] + ([self.lane] if self.lanes > 1 else [])
+        return np.random.default_rng(key).permutation(n)
+
+    def _load_buffer(self) -> None:
+        """Fill the buffer that starts at `self.position` (epoch, shard_pos)."""
+        order = self.order(self.position.epoch)
+        parts_a, parts_b, rows, i = [], [], 0, self.position.shard_pos
+        prefetch = getattr(self.source, "prefetch", None)  # a remote store reads ahead (data/remote.py)
+        while i < len(order):
+            if prefetch is not None and i + 1 < len(order):
+                prefetch(order[i + 1])
+            shard = self.source.load_shard(order[i])
+            parts_a.append(shard.acts_a)
+            parts_b.append(shard.acts_b)
+            rows += shard.acts_a.shape[0]
+            i += 1
+            # Stop once the buffer is big enough, unless what is left of the epoch (estimated
+            # from the mean shard size, so it depends on the position only) cannot fill a batch.
+            if rows >= self.buffer_tokens and (len(order) - i) * self.mean_shard >= self.batch:
+                break
+        # The buffer stays in the store's dtype (bf16/fp16: half the memory); batches are
+        # converted to float32 and normalised when they are cut.
+        acts_a = torch.cat(parts_a).to(self.device)
+        acts_b = torch.cat(parts_b).to(self.device)
+        perm_t = torch.from_numpy(self._buffer_perm(acts_a.shape[0])).to(self.device)
+        self._buffer = (acts_a[perm_t], acts_b[perm_t])
+        self._next_shard_pos = i
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lane's next `batch` raw rows."""
+        if self._buffer is None:
+            self._load_buffer()
+        buf_a, buf_b = self._buffer
+        start = self.position.batch_in_buffer * self.batch
+        if start + self.batch > buf_a.shape[0]:
+            # Buffer used up (its short tail is dropped): the next one, or the next epoch.
+            if self._next_shard_pos >= len(self.shards):
+                self.position = DataPosition(self.position.epoch + 1, 0, 0)
+            else:
+                self.position = DataPosition(self.position.epoch, self._next_shard_pos, 0)
+            self._buffer = None
+            return self.next()
+        self.position = dataclasses.replace(self.position, batch_in_buffer=self.position.batch_in_buffer + 1)
+        return buf_a[start : start + self.batch], buf_b[start : start + self.batch]
+
+    def seek(self, position: DataPosition) -> None:
+        self.position = position
+        self._buffer = None
+
+
+class ShuffledBatches:
+    """Deterministic shuffled batches of normalised activations, read in lanes.
+
+    The data is split into `lanes` lanes, each owning every lanes-th shard; each lane visits
+    its shards in a seeded order per epoch, concatenates them into a shuffle buffer of at
+    least `buffer_tokens / lanes` rows, permutes it (seeded by the position) and cuts
+    `batch_size / lanes` rows per step, dropping a short tail. A batch is the lanes' rows in
+    lane order. Everything depends only on the seed and the lanes' positions, so those alone
+    resume the stream exactly.
+
+    Lanes are what let data-parallel ranks read disjoint shards (`distributed.py`): a rank
+    reads only `own` lanes and gets exactly its rows of the batch one process would see, and
+    the lane count (not the world size) is what a checkpoint records, so a run resumes under
+    any world size that divides it."""
 
     def __init__(
-        self, source, batch_size: int, seed: int, device: torch.device, buffer_tokens: int = 262_144, normalise=None
+        self, source, batch_size: int, seed: int, device: torch.device, buffer_tokens: int = 262_144, normalise=None,
+        lanes: int | None = None, own: range | None = None,
     ):  # noqa: ANN001 - normalise: (raw_a, raw_b) -> normalised float32 pair; default: × the source's scales
         if source.n_tokens < batch_size:
             raise XdiffError(
@@ -120,62 +245,39 @@ class ShuffledBatches:
             )
         self.source, self.batch_size, self.seed, self.device = source, batch_size, seed, device
         self.normalise = normalise or (lambda a, b: (a.float() * source.scale_a, b.float() * source.scale_b))
-        self.buffer_tokens = max(buffer_tokens, batch_size)
-        self.position = DataPosition()
-        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._next_shard_pos = 0
-
-    def _shard_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.source.num_shards)
-
-    def _load_buffer(self) -> None:
-        """Fill the buffer that starts at `self.position` (epoch, shard_pos)."""
-        pos = self.position
-        order = self._shard_order(pos.epoch)
-        mean_shard = self.source.n_tokens / self.source.num_shards
-        parts_a, parts_b, rows, i = [], [], 0, pos.shard_pos
-        prefetch = getattr(self.source, "prefetch", None)  # a remote store reads ahead (data/remote.py)
-        while i < len(order):
-            if prefetch is not None and i + 1 < len(order):
-                prefetch(int(order[i + 1]))
-            shard = self.source.load_shard(int(order[i]))
-            parts_a.append(shard.acts_a)
-            parts_b.append(shard.acts_b)
-            rows += shard.acts_a.shape[0]
-            i += 1
-            # Stop once the buffer is big enough, unless what is left of the epoch (estimated
-            # from the mean shard size, so it depends on the position only) cannot fill a batch.
-            if rows >= self.buffer_tokens and (len(order) - i) * mean_shard >= self.batch_size:
-                break
-        # The buffer stays in the store's dtype (bf16/fp16: half the memory); batches are
-        # converted to float32 and normalised when they are cut.
-        acts_a = torch.cat(parts_a).to(self.device)
-        acts_b = torch.cat(parts_b).to(self.device)
-        perm = np.random.default_rng([self.seed, pos.epoch, pos.shard_pos]).permutation(acts_a.shape[0])
-        perm_t = torch.from_numpy(perm).to(self.device)
-        self._buffer = (acts_a[perm_t], acts_b[perm_t])
-        self._next_shard_pos = i
+        self.buffer_tokens = buffer_tokens
+        self.lanes = lanes or lane_count(source, batch_size)
+        if batch_size % self.lanes:
+            raise XdiffError(f"--batch-size {batch_size} does not split into {self.lanes} data lanes", f"use a multiple of {self.lanes}")
+        self.own = own if own is not None else range(self.lanes)
+        per_lane = batch_size // self.lanes
+        self._lanes = {
+            lane: _Lane(source, lane, self.lanes, per_lane, seed, device, buffer_tokens // self.lanes) for lane in self.own
+        }
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._buffer is None:
-            self._load_buffer()
-        buf_a, buf_b = self._buffer
-        start = self.position.batch_in_buffer * self.batch_size
-        if start + self.batch_size > buf_a.shape[0]:
-            # Buffer used up: move to the next one (or the next epoch) and retry.
-            if self._next_shard_pos >= self.source.num_shards:
-                self.position = DataPosition(self.position.epoch + 1, 0, 0)
-            else:
-                self.position = DataPosition(self.position.epoch, self._next_shard_pos, 0)
-            self._buffer = None
-            return self.next()
-        self.position = dataclasses.replace(self.position, batch_in_buffer=self.position.batch_in_buffer + 1)
-        rows = slice(start, start + self.batch_size)
-        return self.normalise(buf_a[rows], buf_b[rows])
+        """The next batch (this process's lanes' rows of it, normalised)."""
+        rows = [lane.next() for lane in self._lanes.values()]
+        if len(rows) == 1:
+            return self.normalise(*rows[0])
+        return self.normalise(torch.cat([a for a, _ in rows]), torch.cat([b for _, b in rows]))
 
-    def seek(self, position: DataPosition) -> None:
-        self.position = position
-        self._buffer = None
+    @property
+    def positions(self) -> dict[int, DataPosition]:
+        """Each own lane's position (a copy)."""
+        return {lane: dataclasses.replace(stream.position) for lane, stream in self._lanes.items()}
+
+    def seek(self, positions: dict[int, DataPosition]) -> None:
+        for lane, stream in self._lanes.items():
+            stream.seek(positions[lane])
+
+    def for_lanes(self, own: range) -> ShuffledBatches:
+        """The same stream restricted to the lanes `own` (a rank's), at their current positions."""
+        part = ShuffledBatches(
+            self.source, self.batch_size, self.seed, self.device, self.buffer_tokens, self.normalise, self.lanes, own
+        )
+        part.seek(self.positions)
+        return part
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,6 +326,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     buffer_tokens: int = 262_144
+    # Data lanes (ShuffledBatches): None picks the most of 8 (or a multiple of the world size)
+    # that the training split allows; a checkpoint keeps its run's count.
+    data_lanes: int | None = None
     # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16": autocast on any device (on CPU it
     # runs, mostly slower than fp32); "fp32": no autocast. Parameters and Adam stay fp32.
     precision: str = "auto"
@@ -519,7 +624,7 @@ class TrainResult:
 class Trainer:
     """Model, optimizer, data stream and the running state that a checkpoint must hold."""
 
-    def __init__(self, source, cc: CrosscoderConfig, tc: TrainConfig, device: torch.device, means=None) -> None:  # noqa: ANN001
+    def __init__(self, source, cc: CrosscoderConfig, tc: TrainConfig, device: torch.device, means=None, world: int = 1) -> None:  # noqa: ANN001
         self.cc, self.tc, self.device, self.source = cc, tc, device, source
         torch.manual_seed(tc.seed)
         self.model = Crosscoder(cc).to(device)
@@ -529,6 +634,7 @@ class Trainer:
         self.batches = ShuffledBatches(
             source, tc.batch_size, tc.seed, device, tc.buffer_tokens,
             normalise=self.model.normalise if means is not None else None,  # None: the source's scales
+            lanes=lane_count(source, tc.batch_size, world, tc.data_lanes),
         )
         self.step = 0
         self.tokens_since_fired_F = torch.zeros(cc.dict_size, dtype=torch.long, device=device)
@@ -544,7 +650,12 @@ class Trainer:
         tc, model = self.tc, self.model
         x_NA, x_NB = self.batches.next()
         if self.step == 0:  # under torchrun: from the whole global batch, as one process would
-            init_decoder_bias(model, *(self.batches.full_batch if self.dist else (x_NA, x_NB)))
+            if self.dist is not None:
+                from xdiff_cli.dfc.distributed import gather_batch
+
+                init_decoder_bias(model, *gather_batch(x_NA, x_NB, self.dist))
+            else:
+                init_decoder_bias(model, x_NA, x_NB)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, tc)
         k = k_at(self.step, self.cc, tc)
@@ -555,7 +666,7 @@ class Trainer:
         if self.dist is not None:
             from xdiff_cli.dfc.distributed import after_backward
 
-            after_backward(self, out)
+            after_backward(self, out, x_NA, x_NB)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         self.optimizer.step()
         self._update_running_state(out)
@@ -577,7 +688,15 @@ class Trainer:
         self.model.threshold.copy_(corrected.to(self.model.threshold.dtype))
 
     # --- checkpoints ---------------------------------------------------------------------
-    def save_checkpoint(self, directory: Path) -> None:
+    def all_positions(self) -> dict[int, DataPosition]:
+        """Every data lane's position; under torchrun gathered from all ranks (a collective)."""
+        if self.dist is None:
+            return self.batches.positions
+        from xdiff_cli.dfc.distributed import gather_positions
+
+        return gather_positions(self.batches.positions, self.dist)
+
+    def save_checkpoint(self, directory: Path, positions: dict[int, DataPosition] | None = None) -> None:
         from safetensors.torch import save_file
 
         from xdiff_cli.atomic import atomic_path, write_json
@@ -601,7 +720,8 @@ class Trainer:
         state = {
             "step": self.step,
             "threshold_count": self.threshold_count,
-            "data_position": dataclasses.asdict(self.batches.position),
+            "data_lanes": self.batches.lanes,
+            "data_positions": [dataclasses.asdict(p) for _, p in sorted((positions or self.all_positions()).items())],
             "crosscoder_config": dataclasses.asdict(self.cc),
             "train_config": dataclasses.asdict(self.tc),
         }
@@ -638,7 +758,18 @@ class Trainer:
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
         self.step = state["step"]
         self.threshold_count = state["threshold_count"]
-        self.batches.seek(DataPosition(**state["data_position"]))
+        self._seek_data(state)
+
+    def _seek_data(self, state: dict) -> None:
+        """Continue the checkpoint's data stream, in its lanes (whatever this run would pick)."""
+        if "data_positions" in state:
+            lanes, positions = state["data_lanes"], [DataPosition(**p) for p in state["data_positions"]]
+        else:  # written before lanes: one lane, the same stream
+            lanes, positions = 1, [DataPosition(**state["data_position"])]
+        if lanes != self.batches.lanes:
+            b = self.batches
+            self.batches = ShuffledBatches(b.source, b.batch_size, b.seed, b.device, b.buffer_tokens, b.normalise, lanes)
+        self.batches.seek(dict(enumerate(positions)))
 
 
 def checkpoint_problem(directory: Path) -> str | None:
@@ -653,8 +784,10 @@ def checkpoint_problem(directory: Path) -> str | None:
         state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "state.json is unreadable"
-    needed = ("step", "threshold_count", "data_position", "crosscoder_config", "train_config")
+    needed = ("step", "threshold_count", "crosscoder_config", "train_config")
     if not isinstance(state, dict) or any(key not in state for key in needed):
+        return "state.json lacks fields"
+    if "data_positions" not in state and "data_position" not in state:
         return "state.json lacks fields"
     reason = recorded_mismatch(directory / "state.json")
     return f"state.json: {reason}" if reason else None
@@ -747,9 +880,16 @@ def train(
         raise XdiffError(
             f"store widths ({source.d_a}, {source.d_b}) differ from the crosscoder's ({cc_config.d_a}, {cc_config.d_b})"
         )
+    from xdiff_cli.dfc import distributed
+
+    dist = distributed.current()
+    main = dist is None or dist.is_main  # only the main process writes files
     means = None
     if tc.normalisation == "centred":
-        mean_a, mean_b, scale_a, scale_b = normalisation_stats(source)
+        # Rank 0 reads the sample and tells the others (it is deterministic, but W reads of
+        # the same shards would cost W downloads of a remote store).
+        stats = normalisation_stats(source) if main else None
+        mean_a, mean_b, scale_a, scale_b = dist.broadcast_object(stats) if dist else stats
         means = (mean_a, mean_b)
     else:
         scale_a, scale_b = float(source.scale_a), float(source.scale_b)
@@ -759,17 +899,14 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from xdiff_cli.atomic import clean_temp_files
-    from xdiff_cli.dfc import distributed
 
-    dist = distributed.current()
-    main = dist is None or dist.is_main  # only the main process writes files
     device = resolve_device(distributed.rank_device(tc.device, dist))
     if main:
         clean_temp_files(out_dir)  # what a killed or disk-full run left half-written
     # Rank 0 picks the checkpoint first (removing damaged ones); the other ranks then find
     # only sound ones, so every rank resumes from the same step.
     def make_trainer() -> Trainer:
-        return Trainer(source, cc, tc, device, means)
+        return Trainer(source, cc, tc, device, means, world=dist.world if dist else 1)
 
     trainer = _resume(make_trainer(), out_dir, make_trainer) if main else None
     if dist is not None:
@@ -804,8 +941,9 @@ def train(
                 window.reset()
                 bar.update(last)
             if at_ckpt:
+                positions = trainer.all_positions()  # every rank takes part under torchrun
                 if main:
-                    _save_and_prune(trainer, out_dir)
+                    _save_and_prune(trainer, out_dir, positions)
                 if dist is not None:
                     dist.barrier()  # nobody runs ahead of a checkpoint it may have to resume from
             bar.advance()
@@ -887,14 +1025,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(json.dumps(line) + "\n" for line in keep))
 
 
-def _save_and_prune(trainer: Trainer, out_dir: Path) -> None:
+def _save_and_prune(trainer: Trainer, out_dir: Path, positions: dict[int, DataPosition]) -> None:
     from safetensors import SafetensorError
 
     from xdiff_cli.atomic import disk_full_error, is_disk_full
 
     target = out_dir / "checkpoints" / f"step-{trainer.step:07d}"
     try:
-        trainer.save_checkpoint(target)
+        trainer.save_checkpoint(target, positions)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(target.with_name(f".{target.name}.tmp"), ignore_errors=True)
         if is_disk_full(exc):
