@@ -1,12 +1,16 @@
 """A fake Hugging Face Hub on 127.0.0.1, so tests exercise the real download code.
 
-It serves local model directories through the few routes `huggingface_hub.snapshot_download`
-uses:
+It serves local directories as model or dataset repos through the routes that
+`huggingface_hub.snapshot_download` and `HfFileSystem` (`hf://` URLs) use; `{type}` is `models`
+or `datasets`, and a dataset's files resolve under `/datasets/{repo}/…`:
 
-- `GET  /api/models/{repo}/revision/{rev}`          repo info, whose `sha` is the commit
-- `GET  /api/models/{repo}/tree/{rev}?recursive=…`  the file listing
-- `HEAD /{repo}/resolve/{rev}/{file}`               metadata: `X-Repo-Commit`, `ETag`, size
-- `GET  /{repo}/resolve/{rev}/{file}`               the bytes, honouring `Range: bytes=N-`
+- `GET  /api/{type}/{repo}[/revision/{rev}]`               repo info, whose `sha` is the commit
+- `GET  /api/{type}/{repo}/tree/{rev}[/{path}]?recursive=…` the listing of a folder (the root
+  by default): its files and sub-folders, or everything below it when recursive
+- `POST /api/{type}/{repo}/paths-info/{rev}`               entries of the form's `paths`
+- `HEAD /{repo}/resolve/{rev}/{file}`                      metadata: `X-Repo-Commit`, `ETag`, size
+- `GET  /{repo}/resolve/{rev}/{file}`                      the bytes, honouring `Range: bytes=N-`
+  and `bytes=N-M`
 
 A missing repo or revision answers 404 with the Hub's `X-Error-Code`; a gated repo answers
 its metadata (as the real Hub does) but refuses file downloads with 401 (no token) or 403
@@ -23,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 @dataclass
@@ -34,6 +38,7 @@ class FakeRepo:
     revisions: dict[str, str] = field(default_factory=dict)  # branch/tag -> sha
     gated: bool = False
     allowed_tokens: set[str] = field(default_factory=set)
+    repo_type: str = "model"
 
     def resolve(self, revision: str) -> str | None:
         if revision == self.sha or revision in self.revisions.values():
@@ -75,22 +80,25 @@ class FakeHub:
         gated: bool = False,
         allowed_tokens: set[str] | None = None,
         extra_revisions: dict[str, dict[str, bytes]] | None = None,
+        repo_type: str = "model",
     ) -> FakeRepo:
         """Serve `directory` (or `files`) as `repo_id` on branch `main`.
 
         `extra_revisions` maps a tag name to a different file set, served under its own sha.
+        `repo_type` "dataset" serves it as `datasets/{repo_id}` (`hf://datasets/{repo_id}/…`).
         """
         content = dict(files or {})
         if directory is not None:
             for path in sorted(Path(directory).rglob("*")):
                 if path.is_file():
                     content[path.relative_to(directory).as_posix()] = path.read_bytes()
-        sha = _commit_sha(repo_id, content)
-        repo = FakeRepo(repo_id, content, sha, {"main": sha}, gated, set(allowed_tokens or ()))
-        self.repos[repo_id] = repo
+        key = _key(repo_type, repo_id)
+        sha = _commit_sha(key, content)
+        repo = FakeRepo(repo_id, content, sha, {"main": sha}, gated, set(allowed_tokens or ()), repo_type)
+        self.repos[key] = repo
         for tag, tag_files in (extra_revisions or {}).items():
-            tag_sha = _commit_sha(repo_id + tag, tag_files)
-            self.repos[f"{repo_id}@{tag_sha}"] = FakeRepo(repo_id, dict(tag_files), tag_sha)
+            tag_sha = _commit_sha(key + tag, tag_files)
+            self.repos[f"{key}@{tag_sha}"] = FakeRepo(repo_id, dict(tag_files), tag_sha, repo_type=repo_type)
             repo.revisions[tag] = tag_sha
         return repo
 
@@ -100,20 +108,21 @@ class FakeHub:
             h for m, p, h in self.requests if m == "GET" and "/resolve/" in p and p.endswith("/" + filename)
         ]
 
-    def _find(self, repo_id: str, revision: str) -> tuple[FakeRepo | None, str | None]:
-        repo = self.repos.get(repo_id)
+    def _find(self, key: str, revision: str) -> tuple[FakeRepo | None, str | None]:
+        repo = self.repos.get(key)
         if repo is None:
             return None, None
         sha = repo.resolve(revision)
         if sha is not None and sha != repo.sha:
-            return self.repos[f"{repo_id}@{sha}"], sha
+            return self.repos[f"{key}@{sha}"], sha
         return repo, sha
 
-    def _split_repo(self, parts: list[str]) -> tuple[str, list[str]]:
-        """`org/name/rest…` or `name/rest…` (single-segment ids like `gpt2`)."""
-        if parts and parts[0] in self.repos:
-            return parts[0], parts[1:]
-        return "/".join(parts[:2]), parts[2:]
+    def _split_repo(self, parts: list[str], repo_type: str = "model") -> tuple[str, list[str]]:
+        """(key of the repo, rest) from `org/name/rest…` or `name/rest…` (single-segment ids
+        like `gpt2`)."""
+        if parts and _key(repo_type, parts[0]) in self.repos:
+            return _key(repo_type, parts[0]), parts[1:]
+        return _key(repo_type, "/".join(parts[:2])), parts[2:]
 
     # --- server ------------------------------------------------------------------------
     @property
@@ -146,6 +155,11 @@ class FakeHub:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _key(repo_type: str, repo_id: str) -> str:
+    """Where a repo is kept in `FakeHub.repos`: models by id, datasets as `datasets/{id}`."""
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
 def _commit_sha(repo_id: str, files: dict[str, bytes]) -> str:
@@ -196,23 +210,37 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         self._route()
 
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self._route()
+
     def _route(self) -> None:
         self._record()
-        parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]
-        if parts[:2] == ["api", "models"]:
-            repo_id, rest = self.hub._split_repo(parts[2:])
-            if len(rest) >= 2 and rest[0] == "revision":
-                return self._repo_info(repo_id, "/".join(rest[1:]))
+        # Read a POST's form whole first: an answer must never leave body bytes on the connection.
+        self._form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        if len(parts) > 1 and parts[0] == "api" and parts[1] in ("models", "datasets"):
+            key, rest = self.hub._split_repo(parts[2:], parts[1].removesuffix("s"))
+            if self.command == "POST":
+                if len(rest) == 2 and rest[0] == "paths-info":
+                    return self._paths_info(key, rest[1])
+                return self._error(404, "EntryNotFound", "unknown api route")
+            if not rest or (len(rest) >= 2 and rest[0] == "revision"):
+                return self._repo_info(key, "/".join(rest[1:]) or "main")
             if len(rest) >= 2 and rest[0] == "tree":
-                return self._tree(repo_id, rest[1])
+                recursive = parse_qs(url.query).get("recursive", ["False"])[0].lower() == "true"
+                return self._tree(key, rest[1], "/".join(rest[2:]), recursive)
             return self._error(404, "EntryNotFound", "unknown api route")
-        repo_id, rest = self.hub._split_repo(parts)
-        if len(rest) >= 3 and rest[0] == "resolve":
-            return self._resolve(repo_id, rest[1], "/".join(rest[2:]))
+        if parts[0] == "datasets":
+            key, rest = self.hub._split_repo(parts[1:], "dataset")
+        else:
+            key, rest = self.hub._split_repo(parts)
+        if len(rest) >= 3 and rest[0] == "resolve" and self.command != "POST":
+            return self._resolve(key, rest[1], "/".join(rest[2:]))
         return self._error(404, "EntryNotFound", "unknown route")
 
-    def _lookup(self, repo_id: str, revision: str) -> tuple[FakeRepo, str] | None:
-        repo, sha = self.hub._find(repo_id, revision)
+    def _lookup(self, key: str, revision: str) -> tuple[FakeRepo, str] | None:
+        repo, sha = self.hub._find(key, revision)
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found")
             return None
@@ -221,16 +249,16 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo, sha
 
-    def _repo_info(self, repo_id: str, revision: str) -> None:
-        found = self._lookup(repo_id, revision)
+    def _repo_info(self, key: str, revision: str) -> None:
+        found = self._lookup(key, revision)
         if found is None:
             return
         repo, sha = found
         self._send_json(
             200,
             {
-                "id": repo_id,
-                "modelId": repo_id,
+                "id": repo.repo_id,
+                **({"modelId": repo.repo_id} if repo.repo_type == "model" else {}),
                 "sha": sha,
                 "private": False,
                 "gated": "manual" if repo.gated else False,
@@ -238,27 +266,43 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def _tree(self, repo_id: str, revision: str) -> None:
-        found = self._lookup(repo_id, revision)
+    def _tree(self, key: str, revision: str, folder: str, recursive: bool) -> None:
+        """The entries below `folder` ("" the root): its files and sub-folders, or with
+        `recursive` every file and folder below it (the Hub lists folders in both)."""
+        found = self._lookup(key, revision)
         if found is None:
             return
         repo, _ = found
-        entries = []
-        for name in sorted(repo.files):
-            data = repo.files[name]
-            entry = {"type": "file", "oid": _git_blob_sha(data), "size": len(data), "path": name}
-            if _is_lfs(name):
-                entry["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
-            entries.append(entry)
-        self._send_json(200, entries)
+        folder = folder.strip("/")
+        prefix = f"{folder}/" if folder else ""
+        paths = set()
+        for name in repo.files:
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix) :].split("/")
+            depth = len(parts) if recursive else 1
+            paths.update(prefix + "/".join(parts[: i + 1]) for i in range(min(depth, len(parts))))
+        if folder and not paths:
+            return self._error(404, "EntryNotFound", f"{folder} does not exist on {revision}")
+        self._send_json(200, [_entry(repo, path) for path in sorted(paths)])
 
-    def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
-        found = self._lookup(repo_id, revision)
+    def _paths_info(self, key: str, revision: str) -> None:
+        """The entries of the form's `paths` that exist (files or folders); others are left out."""
+        found = self._lookup(key, revision)
+        if found is None:
+            return
+        repo, _ = found
+        folders = {name.rsplit("/", i)[0] for name in repo.files for i in range(1, name.count("/") + 1)}
+        wanted = [p.strip("/") for p in self._form.get("paths", [])]
+        self._send_json(200, [_entry(repo, p) for p in wanted if p in repo.files or p in folders])
+
+    def _resolve(self, key: str, revision: str, filename: str) -> None:
+        found = self._lookup(key, revision)
         if found is None:
             return
         repo, sha = found
-        if repo.gated or self.hub.repos[repo_id].gated:
-            gate = self.hub.repos[repo_id]
+        if repo.gated or self.hub.repos[key].gated:
+            gate = self.hub.repos[key]
             token = self._token()
             if token is None:
                 return self._error(401, "GatedRepo", "Access to this model is restricted; log in")
@@ -270,15 +314,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(500, "ServerError", "internal error")
         data = repo.files[filename]
         etag = _sha256(data) if _is_lfs(filename) else _git_blob_sha(data)
-        start = self._range_start()
-        body = data[start:]
-        self.send_response(206 if start else 200)
+        start, stop = self._range(len(data))
+        body = data[start:stop]
+        ranged = start > 0 or stop < len(data)
+        self.send_response(206 if ranged else 200)
         self.send_header("X-Repo-Commit", sha)
         self.send_header("ETag", f'"{etag}"')
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(body)))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -291,8 +336,21 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
 
-    def _range_start(self) -> int:
+    def _range(self, size: int) -> tuple[int, int]:
+        """[start, stop) of `Range: bytes=N-` or `bytes=N-M` (M inclusive); the whole file without one."""
         header = self.headers.get("Range", "")
-        if header.startswith("bytes=") and header.endswith("-"):
-            return int(header[len("bytes=") : -1] or 0)
-        return 0
+        if not header.startswith("bytes=") or "-" not in header:
+            return 0, size
+        first, last = header[len("bytes=") :].split("-", 1)
+        return int(first or 0), min(size, int(last) + 1) if last else size
+
+
+def _entry(repo: FakeRepo, path: str) -> dict[str, object]:
+    """A tree / paths-info entry as the Hub writes it: a file (with `lfs` for weights) or a folder."""
+    if path not in repo.files:
+        return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path}
+    data = repo.files[path]
+    entry: dict[str, object] = {"type": "file", "oid": _git_blob_sha(data), "size": len(data), "path": path}
+    if _is_lfs(path):
+        entry["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
+    return entry

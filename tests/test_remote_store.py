@@ -189,6 +189,75 @@ def test_bad_cache_size_is_a_one_line_error(monkeypatch):
     assert cache_limit() == 1_500_000_000
 
 
+# --- hf:// through the real HfFileSystem, against the fake hub (tests/fakehub.py) ---------------
+
+
+def _hub_dataset(hub, store: ActivationStore, repo_id: str = "org/acts", **options):  # noqa: ANN001, ANN003
+    """The store uploaded as `activations/` of a dataset repo (beside a README, as people
+    publish them); returns the repo."""
+    files = {f"activations/{p.relative_to(store.dir).as_posix()}": p.read_bytes()
+             for p in store.dir.rglob("*") if p.is_file()}
+    return hub.add_repo(repo_id, files={"README.md": b"# activations\n", **files}, repo_type="dataset", **options)
+
+
+def test_store_in_a_hub_dataset_repo_reads_like_the_local_one(local_store, fake_hub):
+    _hub_dataset(fake_hub, local_store)
+    remote = open_store("hf://datasets/org/acts/activations")
+    assert isinstance(remote, RemoteActivationStore) and remote.manifest == local_store.manifest
+    for i in range(local_store.num_shards):
+        here, there = local_store.load_shard(i), remote.load_shard(i)
+        assert all(torch.equal(a, b) for a, b in zip(here.tensors().values(), there.tensors().values(), strict=True))
+    assert remote.split("eval").n_tokens == local_store.split("eval").n_tokens
+    assert remote.document_text(7) == "document 7 ✓" == local_store.document_text(7)
+    downloads = lambda: [p for m, p, _ in fake_hub.requests if m == "GET" and "/resolve/" in p]  # noqa: E731
+    fetched = downloads()
+    assert sorted(p.rsplit("/", 1)[1] for p in fetched if "/shards/" in p) == [e["name"] for e in local_store.manifest["shards"]]
+    assert all(p.startswith("/datasets/org/acts/resolve/main/activations/") for p in fetched)
+    assert torch.equal(remote.load_shard(0).acts_a, local_store.load_shard(0).acts_a) and downloads() == fetched  # cached
+
+
+def test_missing_private_or_offline_hub_store_is_a_one_line_error(local_store, fake_hub, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    _hub_dataset(fake_hub, local_store)
+    _hub_dataset(fake_hub, local_store, "org/gated", gated=True, allowed_tokens={"hf_good"})
+    expected = {
+        "hf://datasets/org/nope/activations": r"no activation store at hf://datasets/org/nope/activations "
+                                              r"\(repository not found\) — .*HF_TOKEN",
+        "hf://datasets/org/acts@v9/activations": r"\(revision not found\)",
+        "hf://datasets/org/acts/elsewhere": r"no activation store at hf://datasets/org/acts/elsewhere \(no manifest.json",
+        "hf://datasets/org/gated/activations": r"could not read the activation store at .*\(GatedRepoError: .*"
+                                               r"accept its terms on the hub, then set HF_TOKEN",
+    }
+    for url, message in expected.items():
+        with pytest.raises(XdiffError, match=message) as exc:
+            open_store(url)
+        assert "\n" not in str(exc.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_good")  # read at each request, as huggingface_hub does
+    assert torch.equal(open_store("hf://datasets/org/gated/activations").load_shard(1).acts_b,
+                       local_store.load_shard(1).acts_b)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(XdiffError, match=r"offline mode is on \(HF_HUB_OFFLINE\) — unset HF_HUB_OFFLINE"):
+        open_store("hf://datasets/org/acts/activations")
+
+
+def test_damaged_shard_on_the_hub_is_refused_by_its_checksum(local_store, fake_hub):
+    repo = _hub_dataset(fake_hub, local_store)
+    name = local_store.manifest["shards"][2]["name"]
+    path = f"activations/shards/{name}"
+    good = repo.files[path]
+    repo.files[path] = good[:-3] + bytes([good[-3] ^ 0xFF]) + good[-2:]
+    remote = open_store("hf://datasets/org/acts/activations")
+    with pytest.raises(XdiffError, match=rf"shard {name} at hf://.* does not match the store's manifest \(checksum differs\)"):
+        remote.load_shard(2)
+    assert not list((remote.dir / "shards").glob("shard-00002*")) and not list((remote.dir / "shards").glob(".*"))
+    repo.files[path] = good[:-10]  # replaced by a shorter file: reopening sees its new size
+    with pytest.raises(XdiffError, match=r"bytes, [\d,]+ expected"):
+        open_store("hf://datasets/org/acts/activations").load_shard(2)
+    assert torch.equal(remote.load_shard(1).acts_a, local_store.load_shard(1).acts_a)  # the others still load
+
+
 # --- end to end: a run attached to a store harvested elsewhere --------------------------------
 
 PULL = ["--device", "cpu", "--quant", "none", "-q"]

@@ -21,7 +21,9 @@ The cache (`<cache>/stores/<hash of the URL>/`, one root for every store on this
   with a stale copy.
 
 Backends are optional: `s3://` needs s3fs, `gs://` gcsfs, `http(s)://` aiohttp; a missing one is
-a one-line error naming the package to install. `hf://` comes with huggingface_hub.
+a one-line error naming the package to install. `hf://` comes with huggingface_hub: the hub's
+environment is read when a store is opened, as for model downloads (`HF_ENDPOINT`,
+`HF_HUB_OFFLINE`; `HF_TOKEN` or `hf auth login` for private and gated repos).
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     from fsspec.registry import known_implementations
 
     protocol = url.split("://", 1)[0].lower()
+    options = _hub_options() if protocol == "hf" else {}
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         known = known_implementations.get(protocol, {})
         package = _BACKEND_PACKAGE.get(protocol) or known.get("class", protocol).split(".")[0]
@@ -93,6 +96,27 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ValueError as exc:
         raise XdiffError(f"{url}: unknown storage protocol {protocol!r} ({exc})",
                          "use a directory, or an fsspec URL such as s3://, gs://, hf://, https:// or file://") from exc
+
+
+def _hub_options() -> dict[str, Any]:
+    """HfFileSystem's options from the environment now: huggingface_hub froze HF_ENDPOINT when
+    it was imported (the same reason `models/hub.py` passes it). The token it reads itself at
+    every request (HF_TOKEN, else the one `hf auth login` stored)."""
+    from xdiff_cli.models.hub import hub_offline
+
+    if hub_offline():
+        raise XdiffError("hf:// stores are read from the hub, and offline mode is on (HF_HUB_OFFLINE)",
+                         "unset HF_HUB_OFFLINE, or download the activations/ folder and give its directory")
+    return {"endpoint": os.environ.get("HF_ENDPOINT") or None}
+
+
+def _access_hint(exc: BaseException) -> str:
+    """What to do when a read failed with `exc` (the hub answers 401/403 for gated and private
+    repos without a token that may read them)."""
+    response = getattr(exc, "response", None)
+    if type(exc).__module__.startswith("huggingface_hub") and getattr(response, "status_code", None) in (401, 403):
+        return "a private or gated repo: accept its terms on the hub, then set HF_TOKEN (or run `hf auth login`)"
+    return "check the URL, your credentials and the network"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -185,7 +209,7 @@ class StoreCache:
                                  "upload the whole activations/ folder again") from exc
             except Exception as exc:  # network, permissions: the backend's own exception types
                 raise XdiffError(f"could not download {what} ({_first_line(exc)})",
-                                 "check the URL, your credentials and the network, then rerun to resume") from exc
+                                 f"{_access_hint(exc)}, then rerun to resume") from exc
             problem = _mismatch(temp, size, crc32)
             if problem:
                 raise XdiffError(f"{what} does not match the store's manifest ({problem})",
@@ -251,14 +275,24 @@ class RemoteActivationStore(ActivationStore):
     def open_url(cls, url: str, *, require_complete: bool = True, cache: StoreCache | None = None) -> RemoteActivationStore:
         url = url.rstrip("/")
         fs, root = filesystem(url)
+        # fsspec shares one filesystem object per URL kind in a process: forget the listings an
+        # earlier open cached (sizes of a store replaced since would fail the download checks).
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache()
         try:
             raw = fs.cat_file(f"{root.rstrip('/')}/{MANIFEST}")
         except FileNotFoundError as exc:
+            # HfFileSystem says why a path is missing: "(repository not found)", "(revision not found)".
+            reason = re.search(r"\((repository|revision) not found\)", str(exc))
+            if reason:
+                raise XdiffError(f"no activation store at {url} ({reason.group(1)} not found)",
+                                 "check the repo id and revision in the URL; a private repo needs HF_TOKEN "
+                                 "(or `hf auth login`)") from exc
             raise XdiffError(f"no activation store at {url} (no {MANIFEST} there)",
                              "give the URL of a harvested run's activations/ folder") from exc
         except Exception as exc:
             raise XdiffError(f"could not read the activation store at {url} ({_first_line(exc)})",
-                             "check the URL, your credentials and the network") from exc
+                             _access_hint(exc)) from exc
         try:
             manifest = json.loads(raw)
         except ValueError as exc:
@@ -352,7 +386,7 @@ class RemoteActivationStore(ActivationStore):
                 self.fs.get_file(self._remote(DOCUMENTS), str(temp))
             except Exception as exc:
                 raise XdiffError(f"could not download {DOCUMENTS} from {self.url} ({_first_line(exc)})",
-                                 "check the URL, your credentials and the network") from exc
+                                 _access_hint(exc)) from exc
             problem = _mismatch(temp, size, crc32)
             if problem:
                 raise XdiffError(f"{DOCUMENTS} at {self.url} does not match the store's manifest ({problem})",
