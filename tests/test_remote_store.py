@@ -192,18 +192,21 @@ def test_bad_cache_size_is_a_one_line_error(monkeypatch):
 # --- hf:// through the real HfFileSystem, against the fake hub (tests/fakehub.py) ---------------
 
 
-def _hub_dataset(hub, store: ActivationStore, repo_id: str = "org/acts", **options):  # noqa: ANN001, ANN003
-    """The store uploaded as `activations/` of a dataset repo (beside a README, as people
-    publish them); returns the repo."""
-    files = {f"activations/{p.relative_to(store.dir).as_posix()}": p.read_bytes()
-             for p in store.dir.rglob("*") if p.is_file()}
+def _hub_dataset(hub, directory: Path, repo_id: str = "org/acts", **options):  # noqa: ANN001, ANN003
+    """The store at `directory` uploaded as `activations/` of a dataset repo (beside a README,
+    as people publish them); returns the repo."""
+    files = {f"activations/{p.relative_to(directory).as_posix()}": p.read_bytes()
+             for p in directory.rglob("*") if p.is_file()}
     return hub.add_repo(repo_id, files={"README.md": b"# activations\n", **files}, repo_type="dataset", **options)
 
 
 def test_store_in_a_hub_dataset_repo_reads_like_the_local_one(local_store, fake_hub):
-    _hub_dataset(fake_hub, local_store)
+    _hub_dataset(fake_hub, local_store.dir)
     remote = open_store("hf://datasets/org/acts/activations")
     assert isinstance(remote, RemoteActivationStore) and remote.manifest == local_store.manifest
+    split = remote.split("train")  # in order: each next shard is fetched ahead on the reader thread
+    assert [len(s) for s in split] == [len(local_store.load_shard(i)) for i in split.shard_indices]
+    assert not remote._pending
     for i in range(local_store.num_shards):
         here, there = local_store.load_shard(i), remote.load_shard(i)
         assert all(torch.equal(a, b) for a, b in zip(here.tensors().values(), there.tensors().values(), strict=True))
@@ -219,8 +222,8 @@ def test_store_in_a_hub_dataset_repo_reads_like_the_local_one(local_store, fake_
 def test_missing_private_or_offline_hub_store_is_a_one_line_error(local_store, fake_hub, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
-    _hub_dataset(fake_hub, local_store)
-    _hub_dataset(fake_hub, local_store, "org/gated", gated=True, allowed_tokens={"hf_good"})
+    _hub_dataset(fake_hub, local_store.dir)
+    _hub_dataset(fake_hub, local_store.dir, "org/gated", gated=True, allowed_tokens={"hf_good"})
     expected = {
         "hf://datasets/org/nope/activations": r"no activation store at hf://datasets/org/nope/activations "
                                               r"\(repository not found\) — .*HF_TOKEN",
@@ -243,7 +246,7 @@ def test_missing_private_or_offline_hub_store_is_a_one_line_error(local_store, f
 
 
 def test_damaged_shard_on_the_hub_is_refused_by_its_checksum(local_store, fake_hub):
-    repo = _hub_dataset(fake_hub, local_store)
+    repo = _hub_dataset(fake_hub, local_store.dir)
     name = local_store.manifest["shards"][2]["name"]
     path = f"activations/shards/{name}"
     good = repo.files[path]
@@ -313,6 +316,34 @@ def test_runs_train_and_analyse_a_store_at_a_url_like_a_local_one(analysed_tiny_
     result = runner.invoke(app, ["train", "--run", "by-url", *TRAIN, "--steps", "31"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith(f"error: shard {name} at ")
+
+
+def test_run_attached_to_a_hub_store_trains_and_analyses_like_one_on_a_directory(
+    analysed_tiny_run, tiny_models, fake_hub, one_torch_thread
+):
+    from safetensors.torch import load_file
+
+    from xdiff_cli.cli import app
+    from xdiff_cli.run.runs import load_run
+
+    home, run_id = analysed_tiny_run
+    source = home / "runs" / run_id / "activations"
+    _hub_dataset(fake_hub, source, "org/planted-activations")
+    url = "hf://datasets/org/planted-activations/activations"
+    models = [str(tiny_models["llama"]), str(tiny_models["qwen3"])]
+    for name, store in (("by-hf", url), ("by-dir", str(source))):
+        result = runner.invoke(app, ["harvest", *models, "--store", store, "--name", name, *PULL])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["train", "--run", name, *TRAIN])
+        assert result.exit_code == 0, result.output
+    one, two = (load_file(str(load_run(n).crosscoder_dir / "final" / "model.safetensors")) for n in ("by-hf", "by-dir"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    result = runner.invoke(app, ["analyze", "--run", "by-hf"])
+    assert result.exit_code == 0, result.output
+    assert load_run("by-hf").stage_done("analyze") and not load_run("by-hf").store_dir.exists()
+    shards = {p.rsplit("/", 1)[1] for m, p, _ in fake_hub.requests if m == "GET" and "/activations/shards/" in p}
+    manifest = json.loads((source / "manifest.json").read_text())
+    assert {e["name"] for e in manifest["shards"][: manifest["eval_start_shard"]]} <= shards
 
 
 def test_store_of_other_models_is_refused(analysed_tiny_run, tiny_models):
