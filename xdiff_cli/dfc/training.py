@@ -247,6 +247,8 @@ class ShuffledBatches:
                 f"the activation store holds {source.n_tokens} tokens, fewer than one batch ({batch_size})",
                 "harvest more tokens (--tokens) or lower --batch-size",
             )
+        if device.type == "cuda" and device.index is None:  # the prefetch thread has its own current device
+            device = torch.device("cuda", torch.cuda.current_device())
         self.source, self.batch_size, self.seed, self.device = source, batch_size, seed, device
         self.normalise = normalise or (lambda a, b: (a.float() * source.scale_a, b.float() * source.scale_b))
         self.buffer_tokens = buffer_tokens
