@@ -252,10 +252,37 @@ def trained_alone(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def _launch_two_ranks(launcher: str, out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if launcher in LAUNCHERS:
+        done = subprocess.run([*LAUNCHERS[launcher], WORKER, str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return
+    # "two-nodes": two torchrun agents, one rank each, meeting at 127.0.0.1 as two machines would
+    # (RANK 0 and 1, both LOCAL_RANK 0), on a filesystem both see.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), WORKER, str(out)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("launcher", [*sorted(LAUNCHERS), "two-nodes"])
 def test_one_process_checkpoint_resumes_under_two_ranks_that_read_disjoint_shards(trained_alone, tmp_path, launcher):
-    """Trained alone to step 6, finished by 2 ranks (torchrun, or accelerate launch): the
-    uninterrupted model, and each rank read only its own half of the shards (its data lanes)."""
+    """Trained alone to step 6, finished by 2 ranks (torchrun, accelerate launch, or torchrun
+    on two "nodes"): the uninterrupted model, and each rank read only its own half of the
+    shards (its data lanes)."""
     from safetensors.torch import load_file
 
     resumed = tmp_path / "resumed"
@@ -264,9 +291,7 @@ def test_one_process_checkpoint_resumes_under_two_ranks_that_read_disjoint_shard
     shutil.rmtree(resumed / "checkpoints" / "step-0000012")
     state = json.loads((resumed / "checkpoints" / "step-0000006" / "state.json").read_text())
     assert state["data_lanes"] == 8 and len(state["data_positions"]) == 8
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*LAUNCHERS[launcher], WORKER, str(resumed)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _launch_two_ranks(launcher, resumed)
     one = load_file(str(trained_alone / "final" / "model.safetensors"))
     two = load_file(str(resumed / "final" / "model.safetensors"))
     for name, value in one.items():
