@@ -308,6 +308,8 @@ def test_rank_count_that_does_not_divide_the_lanes_is_a_one_line_error():
     with pytest.raises(XdiffError, match="read in 8 lanes, which 3 ranks cannot share evenly") as info:
         rank_lanes(8, Dist(0, 3, 0, "gloo"))
     assert "divides 8" in str(info.value)
+    with pytest.raises(XdiffError, match="read in 1 lane, which 2 ranks"):  # a checkpoint from before lanes
+        rank_lanes(1, Dist(0, 2, 0, "gloo"))
 
 
 def test_planner_points_to_torchrun_when_several_gpus_are_visible(monkeypatch):
