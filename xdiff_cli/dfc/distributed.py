@@ -143,7 +143,7 @@ def rank_lanes(lanes: int, d: Dist) -> range:
     if lanes % d.world:
         raise XdiffError(
             f"this run's training data is read in {lanes} lane{'s' if lanes > 1 else ''}, which {d.world} ranks cannot share evenly",
-            f"train with a number of ranks that divides {lanes}",
+            f"train with a number of ranks that divides {lanes}" if lanes > 1 else "finish it in one process",
         )
     per_rank = lanes // d.world
     return range(d.rank * per_rank, (d.rank + 1) * per_rank)
