@@ -205,6 +205,23 @@ def test_progress_keeps_count_and_eta_on_a_narrow_terminal(width):
     assert len(line) <= width
 
 
+def test_progress_without_a_terminal_prints_plain_status_lines(monkeypatch):
+    """A log file sees a long stage move: a plain line per unfinished task, now and then."""
+    from rich.console import Console
+
+    from xdiff_cli import console as console_module
+
+    monkeypatch.setattr(console_module, "PLAIN_LOG_SECONDS", 0.0)
+    console = Console(width=200, file=io.StringIO(), force_terminal=False)
+    with console_module.stage_progress("tok", console=console) as progress:
+        task = progress.add_task("harvest", total=20000)
+        progress.advance(task, 1234)
+        progress.update(task, completed=20000)  # finished: no line for it
+    lines = console.file.getvalue().splitlines()
+    assert lines[0].startswith("harvest: 1,234/20,000 (6%) ") and "tok/s" in lines[0]
+    assert sum(line.startswith("harvest: ") for line in lines) == 1
+
+
 # --- 8. doctor streams, probes the hub; --help is light -----------------------------------------
 
 

@@ -425,3 +425,17 @@ def test_plan_command_on_local_config_dirs():
     assert "8-bit" in result.output and "fits" in result.output
     small = CliRunner().invoke(app, [*args[:3], "--gpu-memory", "6"])
     assert small.exit_code == 1 and "do not fit" in small.output
+
+
+def test_planner_counts_the_training_shuffle_buffers_of_eight_lanes_in_host_memory():
+    """The shuffle buffers (8 lanes × one 65,536-token shard, 16-bit) live in host memory:
+    counted when the plan budgets RAM (CPU), not in a GPU's budget."""
+    from xdiff_cli.data.harvest import DEFAULT_SHARD_TOKENS
+    from xdiff_cli.dfc.training import DATA_LANES, TrainConfig
+    from xdiff_cli.models.planner import CUDA_CONTEXT_BYTES, SHUFFLE_BUFFER_TOKENS, shuffle_buffer_bytes
+
+    assert SHUFFLE_BUFFER_TOKENS == max(TrainConfig().buffer_tokens, DATA_LANES * DEFAULT_SHARD_TOKENS)
+    assert shuffle_buffer_bytes(4096, 4096) == 524_288 * 8192 * 2  # 8.6 GB for two 8B-class models
+    gpu = _plan("Llama-3.1-8B-Instruct", "Qwen3-8B", 80, native_prequantized=False)
+    cpu = _plan("Llama-3.1-8B-Instruct", "Qwen3-8B", 80, device="cpu", dict_size=gpu.dict_size)
+    assert cpu.phases["train"] - gpu.phases["train"] == shuffle_buffer_bytes(4096, 4096) - CUDA_CONTEXT_BYTES

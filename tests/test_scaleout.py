@@ -236,29 +236,67 @@ def test_two_rank_checkpoint_resumes_in_one_process(world, monkeypatch):
         assert torch.allclose(value, resumed[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_one_process_checkpoint_resumes_under_two_ranks_that_read_disjoint_shards(tmp_path):
-    """Trained alone to step 6, finished by 2 ranks: the uninterrupted model, and each rank
-    read only its own half of the shards (the ranks' data lanes)."""
+WORKER = str(Path(__file__).with_name("dist_train_worker.py"))
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained_alone(tmp_path_factory):
+    """tests/dist_train_worker.py trained to step 12 in one process (checkpoints at 6 and 12)."""
+    out = tmp_path_factory.mktemp("alone") / "run"
+    subprocess.run([sys.executable, WORKER, str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, timeout=300)
+    return out
+
+
+def _launch_two_ranks(launcher: str, out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if launcher in LAUNCHERS:
+        done = subprocess.run([*LAUNCHERS[launcher], WORKER, str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return
+    # "two-nodes": two torchrun agents, one rank each, meeting at 127.0.0.1 as two machines would
+    # (RANK 0 and 1, both LOCAL_RANK 0), on a filesystem both see.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), WORKER, str(out)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("launcher", [*sorted(LAUNCHERS), "two-nodes"])
+def test_one_process_checkpoint_resumes_under_two_ranks_that_read_disjoint_shards(trained_alone, tmp_path, launcher):
+    """Trained alone to step 6, finished by 2 ranks (torchrun, accelerate launch, or torchrun
+    on two "nodes"): the uninterrupted model, and each rank read only its own half of the
+    shards (its data lanes)."""
     from safetensors.torch import load_file
 
-    worker = str(Path(__file__).with_name("dist_train_worker.py"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, worker, str(tmp_path / "one")], env=env, check=True, timeout=300)
-    shutil.copytree(tmp_path / "one", tmp_path / "two")
-    shutil.rmtree(tmp_path / "two" / "final")
-    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000012")
-    state = json.loads((tmp_path / "two" / "checkpoints" / "step-0000006" / "state.json").read_text())
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained_alone, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step-0000012")
+    state = json.loads((resumed / "checkpoints" / "step-0000006" / "state.json").read_text())
     assert state["data_lanes"] == 8 and len(state["data_positions"]) == 8
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker, str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    _launch_two_ranks(launcher, resumed)
+    one = load_file(str(trained_alone / "final" / "model.safetensors"))
+    two = load_file(str(resumed / "final" / "model.safetensors"))
     for name, value in one.items():
         assert torch.allclose(value, two[name], rtol=1e-4, atol=1e-6), name
-    reads = [set(json.loads((tmp_path / "two" / f"read-by-rank-{r}.json").read_text())) for r in (0, 1)]
+    reads = [set(json.loads((resumed / f"read-by-rank-{r}.json").read_text())) for r in (0, 1)]
     # Lane l owns the shards s with s % 8 == l; rank 0 reads lanes 0-3, rank 1 lanes 4-7.
     assert {s % 8 for s in reads[0]} == {0, 1, 2, 3} and {s % 8 for s in reads[1]} == {4, 5, 6, 7}
 
@@ -270,6 +308,8 @@ def test_rank_count_that_does_not_divide_the_lanes_is_a_one_line_error():
     with pytest.raises(XdiffError, match="read in 8 lanes, which 3 ranks cannot share evenly") as info:
         rank_lanes(8, Dist(0, 3, 0, "gloo"))
     assert "divides 8" in str(info.value)
+    with pytest.raises(XdiffError, match="read in 1 lane, which 2 ranks"):  # a checkpoint from before lanes
+        rank_lanes(1, Dist(0, 2, 0, "gloo"))
 
 
 def test_planner_points_to_torchrun_when_several_gpus_are_visible(monkeypatch):

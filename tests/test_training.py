@@ -122,6 +122,21 @@ def test_positions_of_two_ranks_resume_one_process_and_back() -> None:
     assert all(torch.equal(x[32:], again.next()[0]) for x in expected[50:])
 
 
+def test_batches_prepared_ahead_in_a_thread_are_the_same_stream_and_positions() -> None:
+    """The GPU path (the next batch gathered while the step runs), run on CPU."""
+    cpu = torch.device("cpu")
+    plain = ShuffledBatches(_source(n=3000, shard_size=100), 64, 4, cpu, 400, prefetch=False)
+    ahead = ShuffledBatches(_source(n=3000, shard_size=100), 64, 4, cpu, 400, prefetch=True)
+    for _ in range(60):
+        assert torch.equal(plain.next()[0], ahead.next()[0])
+        assert ahead.positions == plain.positions  # what was handed out, not what was prepared
+    mark = plain.positions
+    expected = [plain.next()[1] for _ in range(20)]
+    ahead.next()  # one more than `mark`, and one more prepared
+    ahead.seek(mark)
+    assert all(torch.equal(x, ahead.next()[1]) for x in expected)
+
+
 def test_lane_count_fits_the_shards_the_batch_and_the_world() -> None:
     from xdiff_cli.dfc.training import lane_count
 

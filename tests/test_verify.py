@@ -277,3 +277,19 @@ def test_steer_check_measures_kl_in_both_models_and_resumes(tiny_models, tmp_pat
     assert index.feature(0).kl_own == pytest.approx(kl_own_0)
     index.close()
     assert steer_check_run(run, 2) == {}  # resumes: both already checked
+
+
+def test_fit_progress_total_is_the_rows_the_fit_reads(analysed_tiny_run, one_torch_thread):
+    """The fit reads whole shards, so its progress bar's total counts theirs, not the wish."""
+    from xdiff_cli.data.store import ActivationStore
+    from xdiff_cli.findings.verify import fit_probes, fit_tokens
+
+    home, run_id = analysed_tiny_run
+    run_dir = home / "runs" / run_id
+    store = ActivationStore.open(run_dir / "activations")
+    train = store.split("train")
+    crosscoder = Crosscoder.load(run_dir / "crosscoder" / "final")
+    wanted = train.n_tokens // 3
+    advanced: list[int] = []
+    fit_probes(crosscoder, train, torch.arange(8), VerifyConfig(max_train_tokens=wanted), advanced.append)
+    assert sum(advanced) == fit_tokens(train, wanted) >= wanted

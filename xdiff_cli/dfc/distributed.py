@@ -142,8 +142,8 @@ def rank_lanes(lanes: int, d: Dist) -> range:
     rows [rank·B/W, (rank+1)·B/W) of the batch one process would cut."""
     if lanes % d.world:
         raise XdiffError(
-            f"this run's training data is read in {lanes} lanes, which {d.world} ranks cannot share evenly",
-            f"train with a number of ranks that divides {lanes}",
+            f"this run's training data is read in {lanes} lane{'s' if lanes > 1 else ''}, which {d.world} ranks cannot share evenly",
+            f"train with a number of ranks that divides {lanes}" if lanes > 1 else "finish it in one process",
         )
     per_rank = lanes // d.world
     return range(d.rank * per_rank, (d.rank + 1) * per_rank)

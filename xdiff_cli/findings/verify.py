@@ -227,6 +227,13 @@ def _spread_shards(n_shards: int, n_tokens: int, wanted: int) -> list[int]:
     return sorted({round(i * (n_shards - 1) / max(1, count - 1)) for i in range(count)}) if count > 1 else [0]
 
 
+def fit_tokens(train: Split, wanted: int) -> int:
+    """Tokens the fit reads: whole shards, so usually a little more than `wanted`."""
+    shards = _spread_shards(train.num_shards, train.n_tokens, wanted)
+    sizes = getattr(train, "shard_tokens", None)
+    return sum(sizes(i) for i in shards) if sizes else min(wanted, train.n_tokens)
+
+
 def word_folds(shard: Any, documents: Any | None, shard_index: int, k: int = 2) -> torch.Tensor:
     """Fold (0..k-1) of every pair in a shard: a hash of its word type (the aligned span's text,
     stripped and lower-cased), so all occurrences of one word fall in the same fold.
@@ -521,7 +528,7 @@ def probe_run_scores(
         if fit is None:
             started = time.monotonic()
             fit_cfg = _with_default_train(cfg, eval_split)
-            bars.start("verify: fit transfer probes (train tokens)", min(int(fit_cfg.max_train_tokens), train.n_tokens))
+            bars.start("verify: fit transfer probes (train tokens)", fit_tokens(train, int(fit_cfg.max_train_tokens)))
             fit = fit_probes(crosscoder, train, live, fit_cfg, bars.advance, documents)
             seconds["fit"] = round(time.monotonic() - started, 2)
             if fit_path is not None:

@@ -189,6 +189,23 @@ def crosscoder_training_bytes(d_a: int, d_b: int, dict_size: int, batch_size: in
     return state + activations
 
 
+# Peak rows of the training shuffle buffers: 8 data lanes (training.DATA_LANES) each holding
+# at least one shard of up to 65,536 tokens (harvest.DEFAULT_SHARD_TOKENS), or the 262,144-row
+# buffer (TrainConfig.buffer_tokens), whichever is more; kept in the store's 16-bit dtype.
+SHUFFLE_BUFFER_TOKENS = max(262_144, 8 * 65_536)
+
+
+def shuffle_buffer_bytes(d_a: int, d_b: int) -> int:
+    """Training's shuffle buffers, in host memory (at most; small stores hold less)."""
+    return SHUFFLE_BUFFER_TOKENS * (d_a + d_b) * 2
+
+
+def training_overhead_bytes(d_a: int, d_b: int, on_gpu: bool) -> int:
+    """What training needs beside the crosscoder in the planned memory: the CUDA context on a
+    GPU; on CPU, where the plan budgets host RAM, the shuffle buffers."""
+    return CUDA_CONTEXT_BYTES if on_gpu else shuffle_buffer_bytes(d_a, d_b)
+
+
 def crosscoder_inference_bytes(d_a: int, d_b: int, dict_size: int) -> int:
     """Steering needs the decoder (bf16) beside the models; the encoder can stay on CPU."""
     return dict_size * (d_a + d_b) * 2
@@ -254,7 +271,8 @@ class MemoryPlan:
         if self.phases.get("train", 0) > self.budget_bytes and all(
             v <= self.budget_bytes for k, v in self.phases.items() if k != "train"
         ):
-            biggest = max_dict_size_for(self.budget_bytes - CUDA_CONTEXT_BYTES, d_a, d_b)
+            overhead = training_overhead_bytes(d_a, d_b, self.device.startswith("cuda"))
+            biggest = max_dict_size_for(self.budget_bytes - overhead, d_a, d_b)
             raise XdiffError(
                 f"crosscoder training does not fit: {'; '.join(self.problems())}",
                 f"use --dict-size {biggest} or smaller",
@@ -328,12 +346,14 @@ def available_memory(device: str) -> int:
         return 8 * GiB
 
 
-def _phases(models: list[ModelPlan], dict_size: int, batch_size: int) -> dict[str, int]:
+def _phases(models: list[ModelPlan], dict_size: int, batch_size: int, on_gpu: bool) -> dict[str, int]:
     d_a, d_b = (m.footprint.hidden_size for m in models)
     weights = sum(m.weight_bytes for m in models)
     return {
         "harvest": CUDA_CONTEXT_BYTES + weights + max(m.working_bytes for m in models),
-        "train": CUDA_CONTEXT_BYTES + crosscoder_training_bytes(d_a, d_b, dict_size, batch_size),
+        # (a CPU plan takes the CUDA context off every phase below, leaving the shuffle buffers)
+        "train": CUDA_CONTEXT_BYTES + crosscoder_training_bytes(d_a, d_b, dict_size, batch_size)
+        + (0 if on_gpu else shuffle_buffer_bytes(d_a, d_b)),
         "steer": CUDA_CONTEXT_BYTES
         + weights
         + max(m.working_bytes for m in models) // 8
@@ -371,7 +391,7 @@ def plan_memory(
     notes: list[str] = []
     if dict_size is None:
         dict_size = default_dict_size(d_a, d_b)
-        train_budget = budget - (CUDA_CONTEXT_BYTES if on_gpu else 0)
+        train_budget = budget - training_overhead_bytes(d_a, d_b, on_gpu)
         if crosscoder_training_bytes(d_a, d_b, dict_size, batch_size) > train_budget:
             smaller = max_dict_size_for(train_budget, d_a, d_b, batch_size)
             if smaller >= 1024:
@@ -407,7 +427,7 @@ def plan_memory(
                 )
             )
         plan = MemoryPlan("cuda" if on_gpu else "cpu", dtype, budget, models, dict_size, notes=notes)
-        plan.phases = _phases(models, dict_size, batch_size)
+        plan.phases = _phases(models, dict_size, batch_size, on_gpu)
         if not on_gpu:  # no CUDA context on CPU
             plan.phases = {k: v - CUDA_CONTEXT_BYTES for k, v in plan.phases.items()}
         return plan
