@@ -157,6 +157,8 @@ def test_lane_count_fits_the_shards_the_batch_and_the_world() -> None:
 def test_too_small_store_is_a_user_error() -> None:
     with pytest.raises(XdiffError, match="fewer than one batch"):
         ShuffledBatches(_source(n=50), batch_size=64, seed=0, device=torch.device("cpu"))
+    with pytest.raises(XdiffError, match="data lane 3 of 4 holds fewer than one lane-batch"):  # 3 shards, 4 lanes
+        ShuffledBatches(_source(n=300, shard_size=100), batch_size=64, seed=0, device=torch.device("cpu"), lanes=4)
 
 
 def test_geometric_median_ignores_outliers_that_move_the_mean() -> None:

@@ -257,6 +257,14 @@ class ShuffledBatches:
             raise XdiffError(f"--batch-size {batch_size} does not split into {self.lanes} data lanes", f"use a multiple of {self.lanes}")
         self.own = own if own is not None else range(self.lanes)
         per_lane = batch_size // self.lanes
+        tokens = _shard_tokens(source)
+        for lane in self.own:
+            if sum(tokens[s] for s in lane_shards(source.num_shards, lane, self.lanes)) < per_lane:
+                raise XdiffError(
+                    f"data lane {lane} of {self.lanes} holds fewer than one lane-batch ({per_lane} tokens) of the "
+                    f"{source.num_shards}-shard training split",
+                    "train in a new run (its lanes fit this store), or harvest more tokens",
+                )
         self._lanes = {
             lane: _Lane(source, lane, self.lanes, per_lane, seed, device, buffer_tokens // self.lanes) for lane in self.own
         }
