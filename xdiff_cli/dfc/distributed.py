@@ -6,7 +6,7 @@ None when the process runs alone. Backend: nccl when the ranks train on CUDA (ra
 cuda:LOCAL_RANK), gloo otherwise and for the harvest, which needs only a barrier and a
 broadcast (its models still run on cuda:LOCAL_RANK).
 
-Training (`attach`): the data stream is cut into lanes (`training.ShuffledBatches`), each
+Training (`attach`): the data stream is cut into lanes (`batches.ShuffledBatches`), each
 owning every L-th shard of the training split; rank r reads only lanes
 [r·L/W, (r+1)·L/W), so ranks read disjoint shards, and its rows are exactly rows
 [r·B/W, (r+1)·B/W) of the batch one process reading all L lanes would cut. The world sees

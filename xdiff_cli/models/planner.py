@@ -189,7 +189,7 @@ def crosscoder_training_bytes(d_a: int, d_b: int, dict_size: int, batch_size: in
     return state + activations
 
 
-# Peak rows of the training shuffle buffers: 8 data lanes (training.DATA_LANES) each holding
+# Peak rows of the training shuffle buffers: 8 data lanes (batches.DATA_LANES) each holding
 # at least one shard of up to 65,536 tokens (harvest.DEFAULT_SHARD_TOKENS), or the 262,144-row
 # buffer (TrainConfig.buffer_tokens), whichever is more; kept in the store's 16-bit dtype.
 SHUFFLE_BUFFER_TOKENS = max(262_144, 8 * 65_536)
