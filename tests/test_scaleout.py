@@ -297,6 +297,7 @@ def test_one_process_checkpoint_resumes_under_two_ranks_that_read_disjoint_shard
     for name, value in one.items():
         assert torch.allclose(value, two[name], rtol=1e-4, atol=1e-6), name
     reads = [set(json.loads((resumed / f"read-by-rank-{r}.json").read_text())) for r in (0, 1)]
+    assert json.loads((resumed / "final" / "train_config.json").read_text())["data_lanes"] == 8
     # Lane l owns the shards s with s % 8 == l; rank 0 reads lanes 0-3, rank 1 lanes 4-7.
     assert {s % 8 for s in reads[0]} == {0, 1, 2, 3} and {s % 8 for s in reads[1]} == {4, 5, 6, 7}
 

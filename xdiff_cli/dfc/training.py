@@ -721,7 +721,8 @@ def train(
     final_dir = out_dir / "final"
     if main:
         trainer.model.save(final_dir)
-        write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(tc))
+        # The lane count the run used (resolved from the store, or kept from a checkpoint).
+        write_json(out_dir / "final" / "train_config.json", dataclasses.asdict(dataclasses.replace(tc, data_lanes=trainer.batches.lanes)))
     if dist is not None:
         dist.barrier()
     return TrainResult(
