@@ -414,3 +414,17 @@ def test_processes_sharing_the_cache_keep_it_within_the_bound_together(local_sto
         thread.join()
     assert not errors and len(usage) == 24 and max(usage) <= limit
     assert sum(len(s.cache.evicted) for s in stores) > 0
+
+
+def test_training_more_epochs_than_the_cache_holds_is_noted_with_the_bound_to_set(local_store, monkeypatch):
+    from xdiff_cli.data.remote import cache_shortfall_note
+
+    shard_bytes = max(e["bytes"] for e in local_store.manifest["shards"])
+    monkeypatch.setenv(CACHE_ENV, str(2 * shard_bytes))
+    train = open_store(_upload(local_store.dir)).split("train")
+    assert train.num_shards > 2
+    note = cache_shortfall_note(train, epochs=3.0)
+    assert note is not None and "most are downloaded again every epoch" in note and f"{CACHE_ENV}=1G" in note
+    assert cache_shortfall_note(train, epochs=0.8) is None  # one pass: nothing to re-download
+    assert cache_shortfall_note(train, epochs=3.0, share=1.5 / train.num_shards) is None  # a rank's lanes fit
+    assert cache_shortfall_note(local_store.split("train"), epochs=3.0) is None  # a local store has no cache

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -72,6 +73,23 @@ def cache_limit() -> int:
     if not match:
         raise XdiffError(f"{CACHE_ENV}={os.environ[CACHE_ENV]!r} is not a size", f"set it like {CACHE_ENV}=20G")
     return int(float(match.group(1)) * _SUFFIXES[match.group(2)])
+
+
+def cache_shortfall_note(split: Any, epochs: float, share: float = 1.0) -> str | None:
+    """A note when training would read a remote split for more than one epoch through a cache
+    too small to hold what this machine reads of it (`share`: the fraction of the split its
+    ranks read): least-recently-used eviction then downloads most shards again every epoch."""
+    cache = getattr(split.store, "cache", None)
+    if cache is None or epochs <= 1:
+        return None
+    shards = split.store.manifest["shards"]
+    needed = share * sum(int(shards[i].get("bytes") or 0) for i in split.shard_indices)
+    if needed <= cache.limit:
+        return None
+    wanted = max(1, math.ceil(needed * 1.1 / 1e9))
+    return (f"the store cache ({cache.limit / 1e9:.1f} GB) is smaller than the {needed / 1e9:.1f} GB of shards "
+            f"this machine trains on for {epochs:.1f} epochs: most are downloaded again every epoch; "
+            f"set {CACHE_ENV}={wanted}G to fetch each once")
 
 
 def cache_root() -> Path:

@@ -683,6 +683,8 @@ def train(
             trainer = _resume(make_trainer(), out_dir, make_trainer)
         distributed.attach(trainer, dist)  # after the resume: its batch slice keeps the resumed position
         progress = progress and main
+    if main:
+        _note_cache_shortfall(source, tc, dist)
     resumed_from = trainer.step or None
     metrics_path = out_dir / "metrics.jsonl"
     if main:
@@ -736,6 +738,20 @@ def train(
         resumed_from=resumed_from,
         dead_blocks={key: value for key, value in last.items() if key.startswith("dead_") and key != "dead_fraction"},
     )
+
+
+def _note_cache_shortfall(source, tc: TrainConfig, dist) -> None:  # noqa: ANN001
+    """Say so when a remote store's cache is too small for the epochs ahead (data/remote.py)."""
+    if getattr(source, "store", None) is None:
+        return
+    from xdiff_cli.console import err_console
+    from xdiff_cli.data.remote import cache_shortfall_note
+
+    # Ranks on one machine share its cache and read disjoint lanes: this machine's share.
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / dist.world if dist else 1.0
+    note = cache_shortfall_note(source, tc.steps * tc.batch_size / max(1, source.n_tokens), share)
+    if note:
+        err_console.print(f"[yellow]note:[/] {note}")
 
 
 def _log_line(trainer: Trainer, window: _MetricWindow, step: int, elapsed: float) -> dict[str, float]:
