@@ -233,7 +233,7 @@ def global_batch_topk(model: Any, d: Dist) -> None:
 
 
 def global_residual_variance(model: Any, d: Dist) -> None:
-    """Make the joint AuxK divide by the *global* batch's residual variance (`training._residual_variance`).
+    """Make the joint AuxK divide by the *global* batch's residual variance (`sparse_step.residual_variance`).
 
     Each rank's term is W·sq_err_rank / var_global, so the averaged gradient and the averaged
     logged term are the single-process ones."""

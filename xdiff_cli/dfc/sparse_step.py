@@ -274,9 +274,10 @@ def sparse_forward(
     return out
 
 
-def _residual_variance(model: Crosscoder, resid_ND: torch.Tensor) -> torch.Tensor:
-    """Σ (r − mean)² over the batch; under torchrun the global batch's / world size (see
-    `training._residual_variance`)."""
+def residual_variance(model: Crosscoder, resid_ND: torch.Tensor) -> torch.Tensor:
+    """Σ (r − mean)² over the batch; under torchrun the global batch's, divided by the world
+    size (`distributed.global_residual_variance`), so the ranks' AuxK terms average to the
+    single-process one. The joint AuxK of both routes divides by it."""
     variance = getattr(model, "global_residual_variance", None)
     if variance is not None:
         return variance(resid_ND)
@@ -300,7 +301,7 @@ def aux_joint_from_picks(
                 fwd.aux_feature_NK, W_FD, mode="sum", per_sample_weights=fwd.aux_value_NK.to(W_FD.dtype)
             )
         sq_err = sq_err + (resid_ND - approx_ND.float()).pow(2).sum()
-        total_var = total_var + _residual_variance(model, resid_ND)
+        total_var = total_var + residual_variance(model, resid_ND)
     aux = sq_err / total_var.clamp_min(1e-12)
     if fwd.any_dead is not None:  # sync-free route: no dead feature means no AuxK term
         aux = torch.where(fwd.any_dead, aux, torch.zeros_like(aux))

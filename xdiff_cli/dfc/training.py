@@ -44,14 +44,13 @@ from xdiff_cli.dfc.batches import (  # noqa: F401 - re-exported: the data stream
     lane_count,
 )
 from xdiff_cli.dfc.crosscoder import Crosscoder, CrosscoderConfig, SparseActs
+from xdiff_cli.dfc.sparse_step import residual_variance
 from xdiff_cli.errors import XdiffError
+from xdiff_cli.run.settings import PRECISION_CHOICES
 
 # ---------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -111,8 +110,8 @@ class TrainConfig:
             raise XdiffError(f"unknown AuxK form {self.aux_form!r}", "use joint or per_model")
         if self.normalisation not in ("centred", "store"):
             raise XdiffError(f"unknown normalisation {self.normalisation!r}", "use centred or store")
-        if self.precision not in PRECISIONS:
-            raise XdiffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise XdiffError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         return self
 
     def autocast_bf16(self, device: torch.device) -> bool:
@@ -265,17 +264,8 @@ def aux_k_joint(
         resid_ND = resid_ND.detach().float()
         approx_ND = F.embedding_bag(feature_NK, W_FD, mode="sum", per_sample_weights=value_NK.to(W_FD.dtype))
         sq_err = sq_err + (resid_ND - approx_ND.float()).pow(2).sum()
-        total_var = total_var + _residual_variance(model, resid_ND)
+        total_var = total_var + residual_variance(model, resid_ND)
     return sq_err / total_var.clamp_min(1e-12)
-
-
-def _residual_variance(model: Crosscoder, resid_ND: torch.Tensor) -> torch.Tensor:
-    """Σ (r − mean)² over the batch; under torchrun the global batch's, divided by the world
-    size (`distributed.attach`), so the ranks' AuxK terms average to the single-process one."""
-    variance = getattr(model, "global_residual_variance", None)
-    if variance is not None:
-        return variance(resid_ND)
-    return (resid_ND - resid_ND.mean(0)).pow(2).sum()
 
 
 @dataclass

@@ -21,7 +21,7 @@ from xdiff_cli.errors import XdiffError
 
 QUANT_CHOICES = ("auto", "none", "8bit", "4bit")
 ARCH_CHOICES = ("dfc", "crosscoder")
-PRECISION_CHOICES = ("auto", "bf16", "fp32")  # crosscoder training (dfc/training.py: TrainConfig.precision)
+PRECISION_CHOICES = ("auto", "bf16", "fp32")  # crosscoder training (also checked by dfc/training.py: TrainConfig)
 # Not a setting: it says what this command line allows, so run.json never records it and a
 # run never enables custom model code by itself. Commands that load models take the flag.
 TRUST_REMOTE_CODE_HELP = "Allow models that ship custom Python code (only from publishers you trust)."
