@@ -178,18 +178,23 @@ def global_batch_topk(model: Any, d: Dist) -> None:
 
     local_sparse, local_dense = model.batch_topk_sparse, model.batch_topk
 
-    def local_k(acts_NF: torch.Tensor, k: float) -> float:
-        """The k (per local token) that keeps exactly this rank's share of the global top-k·N."""
-        with torch.no_grad(), _Timed(d):
-            scores_NF = model.ranking_scores(acts_NF.detach()).float().flatten()
-            n_global = max(1, min(int(round(k * acts_NF.shape[0] * d.world)), scores_NF.numel() * d.world))
-            top = scores_NF.topk(min(n_global, scores_NF.numel()), sorted=False).values
+    def world_top(scores: torch.Tensor, n_rows: int, k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's candidates for the world's k·n_rows·W best `scores` (flat, no grad):
+        (values, flat indices, kept mask). Scores tied at the cut are all kept; zero scores
+        are never kept (they decode to 0)."""
+        n_global = max(1, min(int(round(k * n_rows * d.world)), scores.numel() * d.world))
+        top, flat = scores.topk(min(n_global, scores.numel()), sorted=False)
+        with _Timed(d):  # the communication share counts the collective only
             gathered = [torch.empty_like(top) for _ in range(d.world)]
             dist.all_gather(gathered, top)
-            cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
-            # Scores tied at the cut are all kept; zero scores are never kept (they decode to 0).
-            n_local = int((top >= cut).sum()) if cut > 0 else int((top > 0).sum())
-        return max(n_local, 1) / acts_NF.shape[0]
+        cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
+        return top, flat, (top >= cut) if cut > 0 else (top > 0)
+
+    def local_k(acts_NF: torch.Tensor, k: float) -> float:
+        """The k (per local token) that keeps exactly this rank's share of the global top-k·N."""
+        with torch.no_grad():
+            _, _, keep = world_top(model.ranking_scores(acts_NF.detach()).float().flatten(), acts_NF.shape[0], k)
+        return max(int(keep.sum()), 1) / acts_NF.shape[0]
 
     def min_kept_global(min_kept: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), _Timed(d):
@@ -201,14 +206,7 @@ def global_batch_topk(model: Any, d: Dist) -> None:
         """`sparse_step.select_batch_topk` against the global cut: this rank's entries among
         the k·N·W best scores ReLU(pre)·norm of the world (flat indices, scores)."""
         with torch.no_grad():
-            scores = (pre_NF.clamp_min(0) * norm_F).flatten()
-            n_global = max(1, min(int(round(k * pre_NF.shape[0] * d.world)), scores.numel() * d.world))
-            top, flat = scores.topk(min(n_global, scores.numel()), sorted=False)
-            with _Timed(d):  # the communication share counts the collective only
-                gathered = [torch.empty_like(top) for _ in range(d.world)]
-                dist.all_gather(gathered, top)
-            cut = torch.cat(gathered).topk(n_global, sorted=False).values.min()
-            keep = (top >= cut) if cut > 0 else (top > 0)
+            top, flat, keep = world_top((pre_NF.clamp_min(0) * norm_F).flatten(), pre_NF.shape[0], k)
             if not bool(keep.any()):
                 keep[top.argmax()] = True
             flat_K, score_K = flat[keep], top[keep]
