@@ -107,6 +107,11 @@ def lane_shards(num_shards: int, lane: int, lanes: int) -> list[int]:
     return list(range(lane, num_shards, lanes))
 
 
+def lane_tokens(tokens: list[int], lane: int, lanes: int) -> int:
+    """Tokens a lane owns, from the per-shard counts `tokens`."""
+    return sum(tokens[s] for s in lane_shards(len(tokens), lane, lanes))
+
+
 def lane_count(source, batch_size: int, world: int = 1, wanted: int | None = None) -> int:  # noqa: ANN001
     """How many lanes the data stream of a new run has.
 
@@ -118,8 +123,7 @@ def lane_count(source, batch_size: int, world: int = 1, wanted: int | None = Non
     for lanes in range(target, 0, -1):
         if target % lanes or lanes % world or batch_size % lanes or lanes > source.num_shards:
             continue
-        per_lane = [sum(tokens[s] for s in lane_shards(len(tokens), lane, lanes)) for lane in range(lanes)]
-        if min(per_lane) >= batch_size // lanes:
+        if min(lane_tokens(tokens, lane, lanes) for lane in range(lanes)) >= batch_size // lanes:
             return lanes
     if batch_size % world:
         raise XdiffError(f"--batch-size {batch_size} does not split evenly over {world} ranks", f"use a multiple of {world}")
@@ -133,12 +137,12 @@ def lane_count(source, batch_size: int, world: int = 1, wanted: int | None = Non
 class _Lane:
     """One lane: its own shards, visited in a seeded order each epoch through a shuffle buffer."""
 
-    def __init__(self, source, lane: int, lanes: int, batch: int, seed: int, device, buffer_tokens: int) -> None:  # noqa: ANN001
+    def __init__(self, source, lane: int, lanes: int, batch: int, seed: int, device, buffer_tokens: int,  # noqa: ANN001
+                 tokens: int) -> None:
         self.source, self.lane, self.lanes, self.batch = source, lane, lanes, batch
         self.seed, self.device, self.buffer_tokens = seed, device, max(buffer_tokens, batch)
         self.shards = set(lane_shards(source.num_shards, lane, lanes))
-        tokens = _shard_tokens(source)
-        self.mean_shard = sum(tokens[s] for s in self.shards) / len(self.shards)
+        self.mean_shard = tokens / len(self.shards)  # `tokens`: the lane's, from the manifest
         self.position = DataPosition()
         self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self._perm: torch.Tensor | None = None
@@ -238,16 +242,18 @@ class ShuffledBatches:
             raise XdiffError(f"--batch-size {batch_size} does not split into {self.lanes} data lanes", f"use a multiple of {self.lanes}")
         self.own = own if own is not None else range(self.lanes)
         per_lane = batch_size // self.lanes
-        tokens = _shard_tokens(source)
+        shard_tokens = _shard_tokens(source)
+        tokens = {lane: lane_tokens(shard_tokens, lane, self.lanes) for lane in self.own}
         for lane in self.own:
-            if sum(tokens[s] for s in lane_shards(source.num_shards, lane, self.lanes)) < per_lane:
+            if tokens[lane] < per_lane:
                 raise XdiffError(
                     f"data lane {lane} of {self.lanes} holds fewer than one lane-batch ({per_lane} tokens) of the "
                     f"{source.num_shards}-shard training split",
                     "train in a new run (its lanes fit this store), or harvest more tokens",
                 )
         self._lanes = {
-            lane: _Lane(source, lane, self.lanes, per_lane, seed, device, buffer_tokens // self.lanes) for lane in self.own
+            lane: _Lane(source, lane, self.lanes, per_lane, seed, device, buffer_tokens // self.lanes, tokens[lane])
+            for lane in self.own
         }
         # On a GPU the next batch is gathered and copied in a background thread while the
         # current step runs; elsewhere there is nothing to overlap with.
@@ -299,11 +305,16 @@ class ShuffledBatches:
                 pass
             self._ahead = None
 
+    def relaid(self, lanes: int | None = None, own: range | None = None) -> ShuffledBatches:
+        """The same source, seed and settings in `lanes` lanes (default: these) of which `own`
+        are read (default: all), at the start of the stream."""
+        return ShuffledBatches(
+            self.source, self.batch_size, self.seed, self.device, self.buffer_tokens, self.normalise,
+            lanes or self.lanes, own, self.prefetch,
+        )
+
     def for_lanes(self, own: range) -> ShuffledBatches:
         """The same stream restricted to the lanes `own` (a rank's), at their current positions."""
-        part = ShuffledBatches(
-            self.source, self.batch_size, self.seed, self.device, self.buffer_tokens, self.normalise, self.lanes, own,
-            self.prefetch,
-        )
+        part = self.relaid(own=own)
         part.seek(self.positions)
         return part

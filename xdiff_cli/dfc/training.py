@@ -523,10 +523,7 @@ class Trainer:
         else:  # written before lanes: one lane, the same stream
             lanes, positions = 1, [DataPosition(**state["data_position"])]
         if lanes != self.batches.lanes:
-            b = self.batches
-            self.batches = ShuffledBatches(
-                b.source, b.batch_size, b.seed, b.device, b.buffer_tokens, b.normalise, lanes, prefetch=b.prefetch
-            )
+            self.batches = self.batches.relaid(lanes)
         self.batches.seek(dict(enumerate(positions)))
 
 
