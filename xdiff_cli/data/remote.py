@@ -220,24 +220,30 @@ class StoreCache:
                 used -= file_size
             temp.touch()  # reserves `size` bytes for the other processes
         try:
-            try:
-                fs.get_file(remote, str(temp))
-            except FileNotFoundError as exc:
-                raise XdiffError(f"{what} is listed in the store's manifest but missing",
-                                 "upload the whole activations/ folder again") from exc
-            except Exception as exc:  # network, permissions: the backend's own exception types
-                raise XdiffError(f"could not download {what} ({_first_line(exc)})",
-                                 f"{_access_hint(exc)}, then rerun to resume") from exc
-            problem = _mismatch(temp, size, crc32)
-            if problem:
-                raise XdiffError(f"{what} does not match the store's manifest ({problem})",
-                                 "the remote copy is damaged or was replaced: upload it again, or harvest again")
+            download_checked(fs, remote, temp, size, crc32, what)
             os.replace(temp, target)
             with contextlib.suppress(FileNotFoundError):  # another reader may evict it at once
                 _touch(target)
         finally:
             temp.unlink(missing_ok=True)
         return target
+
+
+def download_checked(fs: Any, remote: str, temp: Path, size: int | None, crc32: str | None, what: str) -> None:
+    """Download `remote` to `temp` and check it against the manifest's size and CRC-32; any
+    failure is a one-line error naming `what` ("shard X at URL")."""
+    try:
+        fs.get_file(remote, str(temp))
+    except FileNotFoundError as exc:
+        raise XdiffError(f"{what} is listed in the store's manifest but missing",
+                         "upload the whole activations/ folder again") from exc
+    except Exception as exc:  # network, permissions: the backend's own exception types
+        raise XdiffError(f"could not download {what} ({_first_line(exc)})",
+                         f"{_access_hint(exc)}, then rerun to resume") from exc
+    problem = _mismatch(temp, size, crc32)
+    if problem:
+        raise XdiffError(f"{what} does not match the store's manifest ({problem})",
+                         "the remote copy is damaged or was replaced: upload it again, or harvest again")
 
 
 def _touch(path: Path) -> None:
@@ -400,13 +406,5 @@ class RemoteActivationStore(ActivationStore):
         from xdiff_cli.atomic import atomic_path
 
         with atomic_path(local) as temp:
-            try:
-                self.fs.get_file(self._remote(DOCUMENTS), str(temp))
-            except Exception as exc:
-                raise XdiffError(f"could not download {DOCUMENTS} from {self.url} ({_first_line(exc)})",
-                                 _access_hint(exc)) from exc
-            problem = _mismatch(temp, size, crc32)
-            if problem:
-                raise XdiffError(f"{DOCUMENTS} at {self.url} does not match the store's manifest ({problem})",
-                                 "the remote copy is damaged or was replaced: upload it again, or harvest again")
+            download_checked(self.fs, self._remote(DOCUMENTS), temp, size, crc32, f"{DOCUMENTS} at {self.url}")
         marker.write_text(f"{size} {crc32}")
