@@ -74,6 +74,18 @@ SORT_KEYS = {
 }
 
 
+# A token where the feature fires at all gets at least this much of the shading ramp, so weak
+# co-firings stay visible next to an unshaded (silent) token (TUI, `xdiff features`, report).
+SHADE_FLOOR = 0.15
+
+
+def shade_level(act: float, max_act: float) -> float:
+    """Where on the shading ramp a token firing at `act` sits: 0 silent, else in [SHADE_FLOOR, 1]."""
+    if act <= 0 or max_act <= 0:
+        return 0.0
+    return SHADE_FLOOR + (1.0 - SHADE_FLOOR) * min(1.0, act / max_act)
+
+
 @dataclass
 class Example:
     text: str

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xdiff_cli.findings.feature_columns import format_frequency, why
-from xdiff_cli.findings.feature_index import Example, Feature, FeatureIndex
+from xdiff_cli.findings.feature_index import Example, Feature, FeatureIndex, shade_level
 
 SETTINGS_SHOWN = (
     "corpus", "tokens", "layer_a", "layer_b", "context_length", "eval_fraction", "arch", "dict_size", "k",
@@ -258,8 +258,7 @@ def _highlight_html(example: Example, s_max: float) -> str:
         if start < cursor:
             continue
         out.append(html.escape(example.text[cursor:start]))
-        # As in the TUI: a token the feature fires on at all gets at least a faint tint.
-        alpha = 0.12 + 0.88 * min(1.0, act / s_max) if act > 0 and s_max > 0 else 0.0
+        alpha = shade_level(act, s_max)  # the TUI's ramp: any firing token gets a visible tint
         classes = "tok fire" if (start, end) == (example.start, example.end) else "tok"
         style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0 else ""
         title = f' title="{act:.3g}"' if act > 0 else ""

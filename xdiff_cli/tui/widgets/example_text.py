@@ -15,24 +15,14 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 
-from xdiff_cli.findings.feature_index import Example
+from xdiff_cli.findings.feature_index import Example, shade_level
 from xdiff_cli.safe_text import inert
 
 # Shade from a dark neutral (no activation) to a warm orange (the feature's s_max).
 _COLD = (40, 40, 48)
 _HOT = (255, 140, 0)
-# A token where the feature fires at all gets at least this much of the ramp, so weak
-# co-firings stay visible next to an unshaded (silent) token.
-_FLOOR = 0.15
 _DARK_TEXT_FROM = 0.55  # above this level the background is light: black text reads better
 LEGEND_RATIOS = (0.1, 0.4, 0.7, 1.0)  # activation / s_max of the legend's cells
-
-
-def shade_level(act: float, max_act: float) -> float:
-    """Where on the ramp a token firing at `act` sits: 0 silent, else in [_FLOOR, 1]."""
-    if act <= 0 or max_act <= 0:
-        return 0.0
-    return _FLOOR + (1.0 - _FLOOR) * min(1.0, act / max_act)
 
 
 def _ramp(level: float) -> Color:
